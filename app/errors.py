@@ -1,0 +1,83 @@
+"""The ProxyError family: each error knows its HTTP status and public message.
+
+Raised anywhere in the pipeline; turned into a response in exactly one place
+(`error_response`, registered by `create_app`). Anything that is not a ProxyError is a
+bug: logged with a traceback and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProxyError(Exception):
+    """A failure with a public reason. `status` is the HTTP status it becomes."""
+
+    status: ClassVar[int] = 500
+    kind: ClassVar[str] = "internal"
+    #: Whether serve() stores the failure for ERROR_TTL so waiters and followers share it.
+    cacheable: ClassVar[bool] = True
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadParameter(ProxyError):
+    status = 400
+    kind = "bad_parameter"
+    cacheable = False
+
+
+class SourceNotAllowed(ProxyError):
+    """The URL's scheme, host, port or resolved address is refused by policy."""
+
+    status = 400
+    kind = "not_allowed"
+
+
+class LoopDetected(SourceNotAllowed):
+    kind = "loop"
+    cacheable = False
+
+
+class BadSource(ProxyError):
+    """The upstream body is not an image we can render: unsupported, corrupt or too big."""
+
+    status = 400
+    kind = "bad_source"
+
+
+class SourceTooLarge(BadSource):
+    kind = "too_large"
+
+
+class SourceNotFound(ProxyError):
+    status = 404
+    kind = "not_found"
+
+
+class UpstreamFailed(ProxyError):
+    status = 502
+    kind = "upstream_failed"
+
+
+class TooManyRedirects(UpstreamFailed):
+    kind = "too_many_redirects"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    kind = "upstream_timeout"
+
+
+class Busy(ProxyError):
+    """Overloaded or waited too long for another request's render: try again shortly."""
+
+    status = 503
+    kind = "busy"
+    cacheable = False
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)

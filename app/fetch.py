@@ -1,0 +1,306 @@
+"""Upstream fetch: the only code that touches the network for source images.
+
+`Fetcher.fetch_source(url, url_policy)` returns a `Source` or raises a typed ProxyError. It
+owns the pooled requests.Session, follows redirects by hand (each hop re-checked), holds one
+deadline over connect + headers + body, and cuts the body at MAX_SOURCE_BYTES.
+
+The address check lives in the connection's dialer (`_GuardedConnectionMixin._new_conn`):
+the host is resolved there, every address checked with the guard, and the socket opened to
+the checked address, so DNS cannot change between check and connect. Host header, TLS SNI
+and certificate verification still use the host name, because urllib3 keeps `self.host`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+from app.errors import (
+    ProxyError,
+    SourceNotAllowed,
+    SourceNotFound,
+    SourceTooLarge,
+    TooManyRedirects,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from app.guard import AddressPolicy, IPAddress, SourceURL, URLPolicy, parse_source_url
+
+MAX_REDIRECTS = 5
+CHUNK = 64 * 1024
+USER_AGENT = "image-proxy/1.0 (+https://github.com/image-proxy)"
+
+#: host, port -> addresses; the default asks the system resolver. Tests pass a stub.
+Resolver = Callable[[str, int], list[IPAddress]]
+
+
+def system_resolver(host: str, port: int) -> list[IPAddress]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if ip not in seen:
+            seen.append(ip)
+    return seen
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the upstream sent: the body, and the URL it finally came from."""
+
+    body: bytes
+    url: SourceURL
+    fetch_seconds: float
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+class _GuardedConnectionMixin:
+    """Resolve, check every address, and connect to a checked one."""
+
+    policy: AddressPolicy
+    resolve: Resolver
+    host: str
+    port: int
+    timeout: Any
+    source_address: Any
+    socket_options: Any
+
+    def _new_conn(self) -> socket.socket:
+        host = self.host.strip("[]")
+        try:
+            addresses = self.resolve(host, self.port)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise NameResolutionError(self.host, self, socket.gaierror(str(exc))) from exc  # type: ignore[arg-type]
+        if not addresses:
+            raise NameResolutionError(self.host, self, socket.gaierror("no addresses"))  # type: ignore[arg-type]
+        # Every address must pass: a name that resolves to one public and one private
+        # address would otherwise let the OS pick the private one on a retry.
+        for ip in addresses:
+            self.policy.check(ip, self.port, host)
+        last_error: OSError | None = None
+        for ip in addresses:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                if isinstance(self.timeout, (int, float)):
+                    sock.settimeout(self.timeout)
+                sock.connect((str(ip), self.port))
+                return sock
+            except TimeoutError as exc:
+                sock.close()
+                raise urllib3.exceptions.ConnectTimeoutError(self, f"connect to {host} timed out") from exc
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+        raise NewConnectionError(self, f"Failed to establish a new connection: {last_error}")
+
+
+def _adapter(policy: AddressPolicy, resolve: Resolver, pool_size: int) -> HTTPAdapter:
+    attrs = {"policy": policy, "resolve": staticmethod(resolve)}
+    http_conn = type("GuardedHTTPConnection", (_GuardedConnectionMixin, HTTPConnection), attrs)
+    https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection), attrs)
+    http_pool = type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
+    https_pool = type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
+
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+    return adapter
+
+
+class Fetcher:
+    """One per worker process: a pooled session whose every connection is guarded."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_bytes: int,
+        via_token: str,
+        address_policy: AddressPolicy,
+        resolve: Resolver = system_resolver,
+        pool_size: int = 16,
+    ) -> None:
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxies or netrc from the environment
+        adapter = _adapter(address_policy, resolve, pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.clear()
+        self.session.headers.update(
+            {
+                "User-Agent": USER_AGENT,
+                "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8",
+                # A compressed image body gains nothing, and decoding one is a bomb vector.
+                "Accept-Encoding": "identity",
+                "Via": f"1.1 {via_token}",
+            }
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def fetch_source(self, url: SourceURL, url_policy: URLPolicy) -> Source:
+        started = time.monotonic()
+        deadline = started + self.timeout
+        try:
+            for _hop in range(MAX_REDIRECTS + 1):
+                response = self._get(url, deadline)
+                try:
+                    location = _redirect_target(response)
+                    if location is None:
+                        body = self._read_body(response, deadline)
+                        return Source(body=body, url=url, fetch_seconds=time.monotonic() - started)
+                finally:
+                    response.close()
+                url = self._next_hop(url, location, url_policy)
+            raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+        except _DeadlinePassed:
+            raise UpstreamTimeout(f"upstream did not deliver the image within {self.timeout:g} s") from None
+
+    def _next_hop(self, current: SourceURL, location: str, url_policy: URLPolicy) -> SourceURL:
+        try:
+            target = parse_source_url(urljoin(str(current), location), param="redirect")
+        except ProxyError as exc:
+            raise SourceNotAllowed(f"upstream redirected to a refused URL: {exc.message}") from None
+        if current.scheme == "https" and target.scheme == "http":
+            raise SourceNotAllowed("upstream redirected from https to http (downgrade refused)")
+        url_policy.check(target)
+        return target
+
+    def _get(self, url: SourceURL, deadline: float) -> requests.Response:
+        remaining = _remaining(deadline)
+        try:
+            response = self.session.get(
+                str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining)
+            )
+        except ProxyError:
+            raise
+        except requests.exceptions.ConnectTimeout:
+            raise UpstreamTimeout(f"connecting to {url.host} timed out") from None
+        except requests.exceptions.ReadTimeout:
+            raise _DeadlinePassed from None
+        except requests.exceptions.SSLError as exc:
+            raise UpstreamFailed(f"TLS failure talking to {url.host}: {_reason(exc)}") from None
+        except requests.exceptions.ConnectionError as exc:
+            inner = _guard_error(exc)
+            if inner is not None:
+                raise inner from None
+            if _is_dns_failure(exc):
+                raise UpstreamFailed(f"cannot resolve host {url.host}") from None
+            raise UpstreamFailed(f"cannot connect to {url.host}: {_reason(exc)}") from None
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
+            raise UpstreamFailed(f"upstream request to {url.host} failed: {_reason(exc)}") from None
+        status = response.status_code
+        if status in (404, 410):
+            response.close()
+            raise SourceNotFound(f"upstream answered {status}")
+        if status in (301, 302, 303, 307, 308):
+            return response
+        if status != 200:
+            response.close()
+            raise UpstreamFailed(f"upstream answered {status}")
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response.close()
+            raise SourceTooLarge(f"source is {int(declared)} bytes, over the {self.max_bytes}-byte limit")
+        return response
+
+    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+        raw = response.raw
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                remaining = _remaining(deadline)
+                sock = _socket_of(raw)
+                if sock is not None:
+                    sock.settimeout(remaining)
+                # read1 returns what one recv brings, so a trickling body cannot stretch
+                # the deadline: it is checked between reads and bounds each read.
+                chunk = raw.read1(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise SourceTooLarge(f"source is over the {self.max_bytes}-byte limit")
+                chunks.append(chunk)
+        except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+            raise _DeadlinePassed from None
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
+            raise UpstreamFailed(f"upstream body broke off: {_reason(exc)}") from None
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and size < int(declared):
+            raise UpstreamFailed(f"upstream body ended after {size} of {declared} bytes")
+        return b"".join(chunks)
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _DeadlinePassed
+    return remaining
+
+
+def _socket_of(raw: Any) -> socket.socket | None:
+    # urllib3 keeps the live socket on the response's file object; reaching it lets each
+    # read be bounded by the time left, not by a fixed read timeout.
+    try:
+        sock = raw._fp.fp.raw._sock
+    except AttributeError:
+        return None
+    return sock if isinstance(sock, socket.socket) and sock.fileno() != -1 else None
+
+
+def _redirect_target(response: requests.Response) -> str | None:
+    if response.status_code in (301, 302, 303, 307, 308):
+        location = response.headers.get("Location")
+        if not location:
+            raise UpstreamFailed(f"upstream answered {response.status_code} without a Location")
+        return location
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__ or getattr(current, "reason", None)
+        if not isinstance(current, BaseException):
+            current = None
+    return seen
+
+
+def _guard_error(exc: BaseException) -> ProxyError | None:
+    for inner in _chain(exc):
+        if isinstance(inner, ProxyError):
+            return inner
+    return None
+
+
+def _is_dns_failure(exc: BaseException) -> bool:
+    return any(isinstance(inner, (NameResolutionError, socket.gaierror)) for inner in _chain(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(_chain(exc)[-1]) or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,1 @@
+"""The /image endpoint: parameters, the serve pipeline, and the blueprint."""

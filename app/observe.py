@@ -1,0 +1,84 @@
+"""Per-request observation: one access-log line and the metrics, from what the request left
+in flask.g. Registered by create_app as after_request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flask import Flask, Response, g, request
+
+from app import metrics
+from app.image.params import ImageRequest
+from app.image.serve import Served
+
+access_log = logging.getLogger("image_proxy.access")
+
+
+def start_request() -> None:
+    g.started = time.monotonic()
+
+
+def finish_request(response: Response) -> Response:
+    served = g.get("served")
+    image_request = g.get("image_request")
+    endpoint = request.endpoint or "unknown"
+    fmt = image_request.format if image_request is not None else ""
+    total_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
+    record = {
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "cache": served.cache_status if served else "",
+        "bytes": response.content_length or 0,
+        "upstream_ms": round(served.timings.upstream_s * 1000, 1) if served else 0,
+        "render_ms": round(served.timings.render_s * 1000, 1) if served else 0,
+        "total_ms": round(total_ms, 1),
+    }
+    if image_request is not None:
+        # The source host, not the full URL: query strings of sources can carry tokens.
+        record.update(source=image_request.url.host, w=image_request.width, q=image_request.quality, format=fmt)
+    error = g.get("error_reason") or (served.entry.error if served and not served.entry.ok else "")
+    if error:
+        record["error"] = error
+    _log(record)
+    _count(endpoint, response, served, image_request)
+    return response
+
+
+def _log(record: dict[str, object]) -> None:
+    from flask import current_app
+
+    if current_app.extensions["image_proxy"].settings.log_format == "json":
+        access_log.info(json.dumps(record, separators=(",", ":")))
+    else:
+        access_log.info(" ".join(f"{key}={value}" for key, value in record.items()))
+
+
+def _count(endpoint: str, response: Response, served: Served | None, image_request: ImageRequest | None) -> None:
+    fmt = image_request.format if image_request is not None else ""
+    metrics.REQUESTS.labels(endpoint, str(response.status_code), fmt).inc()
+    if g.get("error_kind"):
+        metrics.ERRORS.labels(g.error_kind).inc()
+    if served is None or image_request is None:
+        return
+    metrics.CACHE.labels(served.cache_status.lower()).inc()
+    if not served.entry.ok:
+        metrics.ERRORS.labels(served.entry.kind).inc()
+    timings = served.timings
+    if served.waited:
+        metrics.DEDUP_WAITS.inc()
+        metrics.DEDUP_WAIT_SECONDS.observe(timings.wait_s)
+    if timings.upstream_s:
+        metrics.UPSTREAM_SECONDS.observe(timings.upstream_s)
+        metrics.SOURCE_BYTES.inc(timings.source_bytes)
+    if timings.render_s:
+        metrics.RENDER_SECONDS.labels(fmt, metrics.width_bucket(image_request.width)).observe(timings.render_s)
+    if response.status_code == 200 and request.method == "GET":
+        metrics.OUTPUT_BYTES.inc(response.content_length or 0)
+
+
+def install(app: Flask) -> None:
+    app.before_request(start_request)
+    app.after_request(finish_request)

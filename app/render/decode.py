@@ -1,0 +1,49 @@
+"""Decode the source into a lazy stream of frames; JPEGs at a reduced DCT scale when downscaling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from PIL import Image, ImageSequence
+
+from app.errors import BadSource
+from app.render.canvas import Canvas, Frame, RenderOptions
+
+#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale but stops at twice the target, and the
+#: resize gets draft's box: the 2x margin and the box keep LANCZOS quality (SSIM 0.9993
+#: against a full decode at w=640, where drafting to 1x costs 0.015; see the quality anchors).
+DRAFT_MARGIN = 2
+
+
+def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
+    image = canvas.image
+    assert image is not None
+    box = None
+    if canvas.source_format == "jpeg" and canvas.stored_target_size != canvas.source_size:
+        tw, th = canvas.stored_target_size
+        drafted = image.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
+        if drafted is not None:
+            box = drafted[1]
+    canvas.draft_box = box
+    canvas.frames = _frames(canvas, image)
+
+
+def _frames(canvas: Canvas, image: Image.Image) -> Iterator[Frame]:
+    try:
+        if not canvas.animated:
+            image.load()
+            yield Frame(image)
+            return
+        for index, frame in enumerate(ImageSequence.Iterator(image)):
+            if index >= canvas.frame_count:
+                break
+            # The sequence reuses one Image; each frame is copied before the next seek.
+            yield Frame(frame.copy(), duration=round(float(frame.info.get("duration", 0) or 0)))
+    except BadSource:
+        raise
+    except Exception as exc:  # truncated, corrupt, or a decoder refusing the data
+        raise BadSource(f"the {canvas.source_format.upper()} data is corrupt or truncated: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:160]

@@ -1,0 +1,42 @@
+"""Open the source with the one Pillow plugin its bytes were sniffed as; read the header only."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from app.errors import BadSource
+from app.render.canvas import Canvas, RenderOptions
+
+# Pillow's own bomb check would stop at its fixed limit with a warning or its own error;
+# check_pixels applies MAX_SOURCE_PIXELS from the header instead, before any decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+PILLOW_FORMATS = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "gif": "GIF",
+    "webp": "WEBP",
+    "avif": "AVIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+}
+
+
+def open_source(canvas: Canvas, options: RenderOptions) -> None:
+    try:
+        image = Image.open(io.BytesIO(canvas.data), formats=[PILLOW_FORMATS[canvas.source_format]])
+        frame_count = int(getattr(image, "n_frames", 1) or 1)
+    except Exception as exc:  # any failure to parse upstream bytes is the upstream's fault
+        raise BadSource(f"cannot read the {canvas.source_format.upper()} header: {_short(exc)}") from None
+    canvas.image = image
+    canvas.source_size = image.size
+    canvas.frame_count = frame_count
+    if frame_count > 1 and getattr(image, "is_animated", False):
+        canvas.loop = int(image.info.get("loop", 1 if canvas.source_format == "gif" else 0) or 0)
+    canvas.icc_profile = image.info.get("icc_profile") or None
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:160]

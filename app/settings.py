@@ -1,0 +1,260 @@
+"""Service settings: one table of IMAGE_PROXY_* variables, parsed and validated once.
+
+Every variable is declared once in SETTINGS (name, parser, default, help). The README's
+settings table is generated from it (`python -m app.settings --markdown`) and a test keeps
+the two equal. A bad start reports every bad variable together, each by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "IMAGE_PROXY_"
+INPUT_FORMATS = ("jpeg", "png", "gif", "webp", "avif", "bmp", "tiff")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """One or more IMAGE_PROXY_* variables are invalid; the message lists each of them."""
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text.strip()):
+            raise ValueError("expected a whole number")
+        value = int(text)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+        return value
+
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi} seconds")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false, on/off, yes/no or 1/0")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return lowered
+
+    return parse
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    parse = _int(1)
+    return tuple(sorted({parse(item) for item in _items(text)}))
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    parse = _int(1, 65535)
+    return tuple(sorted({parse(item) for item in _items(text)}))
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    networks = []
+    for item in _items(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a CIDR range such as 10.0.0.0/8 or fd00::/8") from None
+    return tuple(networks)
+
+
+_HOST_PATTERN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+|\[[0-9a-f:.]+\]|[0-9.]+")
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = []
+    for item in _items(text.lower()):
+        item = item.rstrip(".")
+        if not _HOST_PATTERN.fullmatch(item):
+            raise ValueError(f"{item!r} is not a host name or a *.example.com pattern")
+        hosts.append(item)
+    return tuple(hosts)
+
+
+def _formats(text: str) -> frozenset[str]:
+    chosen = {item.lower() for item in _items(text)}
+    unknown = chosen - set(INPUT_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(sorted(unknown))}; known: {', '.join(INPUT_FORMATS)}")
+    return frozenset(chosen)
+
+
+def _redis_url(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    if not re.match(r"(redis|rediss|unix)://", text):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _bind(text: str) -> str:
+    text = text.strip()
+    if text.startswith("unix:"):
+        return text
+    match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:8000) or unix:/path")
+    return text
+
+
+def _token(text: str) -> str:
+    text = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9._~-]{1,64}", text):
+        raise ValueError("expected a short token of letters, digits and . _ ~ -")
+    return text
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one variable is read: the attribute it fills, its parser, default and meaning."""
+
+    attr: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.attr.upper()
+
+
+MIB = 1024 * 1024
+
+SETTINGS: tuple[Spec, ...] = (
+    Spec("bind", _bind, "127.0.0.1:8000", "Address gunicorn listens on."),
+    Spec("workers", _int(1, 64), "2", "gunicorn worker processes (one per core measured best on 2 cores)."),
+    Spec("threads", _int(1, 256), "8", "Threads per worker; waiters and cache hits must not queue behind renders."),
+    Spec("redis_url", _redis_url, "", "redis://, rediss:// or unix:// URL of a shared Redis; empty starts an embedded one."),
+    Spec("redis_cluster", _bool, "false", "Treat REDIS_URL as one node of a Redis Cluster."),
+    Spec("redis_timeout", _seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS)."),
+    Spec("redis_maxmemory", _int(0), str(256 * MIB), "Embedded Redis only: bytes of cache before least-recently-used entries are evicted (0 = no limit)."),
+    Spec("cache_ttl", _int(1), "86400", "Seconds a rendered image stays in the cache."),
+    Spec("error_ttl", _int(0), "10", "Seconds a failure is cached, so waiters and followers get it without refetching."),
+    Spec("max_cache_entry_bytes", _int(1), str(16 * MIB), "Outputs larger than this are served but not cached."),
+    Spec("upstream_timeout", _seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body."),
+    Spec("request_budget", _seconds(1, 600), "30", "How long a waiter waits for another request's render before a 503."),
+    Spec("lock_expire", _int(2, 3600), "10", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held)."),
+    Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot."),
+    Spec("queue_timeout", _seconds(0, 60), "5", "Seconds a request waits for a render slot before a 503 with Retry-After."),
+    Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
+    Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
+    Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
+    Spec("allowed_widths", _widths, "", "Comma-separated list; when set, w must be 0 or one of them."),
+    Spec("max_animation_frames", _int(1), "300", "Animated sources with more frames are refused (400)."),
+    Spec("allowed_hosts", _hosts, "", "Comma-separated host names or *.example.com patterns; when set, only these are fetched."),
+    Spec("allow_networks", _networks, "", "Comma-separated CIDRs exempt from the public-address rule (any port)."),
+    Spec("allowed_ports", _ports, "80,443", "Ports allowed on public addresses."),
+    Spec("via_token", _token, "image-proxy", "Token of the Via header sent upstream; requests carrying it are refused as loops."),
+    Spec("input_formats", _formats, ",".join(INPUT_FORMATS), "Source formats that are decoded; drop one to switch its decoder off."),
+    Spec("log_format", _choice("text", "json"), "text", "Access log format: text or json."),
+    Spec("front_page", _bool, "on", "Serve the try-it page at /; off makes / a 404."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bind: str = "127.0.0.1:8000"
+    workers: int = 2
+    threads: int = 8
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    redis_timeout: float = 0.25
+    redis_maxmemory: int = 256 * MIB
+    cache_ttl: int = 86400
+    error_ttl: int = 10
+    max_cache_entry_bytes: int = 16 * MIB
+    upstream_timeout: float = 20.0
+    request_budget: float = 30.0
+    lock_expire: int = 10
+    render_slots: int = 2
+    queue_timeout: float = 5.0
+    max_source_bytes: int = 32 * MIB
+    max_source_pixels: int = 50_000_000
+    max_width: int = 8192
+    allowed_widths: tuple[int, ...] = ()
+    max_animation_frames: int = 300
+    allowed_hosts: tuple[str, ...] = ()
+    allow_networks: tuple[Network, ...] = ()
+    allowed_ports: tuple[int, ...] = (80, 443)
+    via_token: str = "image-proxy"
+    input_formats: frozenset[str] = field(default_factory=lambda: frozenset(INPUT_FORMATS))
+    log_format: str = "text"
+    front_page: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for spec in SETTINGS:
+            raw = environ.get(spec.env)
+            if raw is None:
+                continue
+            try:
+                values[spec.attr] = spec.parse(raw)
+            except ValueError as exc:
+                problems.append(f"{spec.env}={raw!r}: {exc}")
+        if problems:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """IMAGE_PROXY_* names that no setting reads: most likely typos, worth a warning at start."""
+    known = {spec.env for spec in SETTINGS}
+    return sorted(name for name in environ if name.startswith(PREFIX) and name not in known)
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for spec in SETTINGS:
+        rows.append(f"| `{spec.env}` | `{spec.default}` | {spec.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown_table())
+    else:
+        try:
+            print(Settings.from_env(__import__("os").environ))
+        except SettingsError as exc:
+            sys.exit(str(exc))

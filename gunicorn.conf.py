@@ -1,0 +1,77 @@
+"""gunicorn settings and server hooks for image-proxy.
+
+Every value comes from the IMAGE_PROXY_* settings (app/settings.py), so a bad variable
+stops the master before any worker starts, with a message naming it. gunicorn's own
+GUNICORN_CMD_ARGS and command-line flags still override anything here.
+
+Why gthread with 2 workers x 8 threads on 2 cores: renders are CPU-bound and Pillow
+releases the GIL while decoding, resizing and encoding, so two processes fill two cores;
+the extra threads serve cache hits and dedup waiters (which only wait on Redis) while
+renders run, and each worker lets only IMAGE_PROXY_RENDER_SLOTS renders run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+# prometheus_client picks its multiprocess mode at import, and importing anything from
+# `app` imports it: the directory must exist before the first `from app ...` line.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-proxy-metrics-")
+
+from app import embedded_redis
+from app.settings import Settings, SettingsError, unknown_variables
+
+try:
+    _settings = Settings.from_env(os.environ)
+except SettingsError as exc:
+    sys.stderr.write(f"image-proxy: {exc}\n")
+    sys.exit(2)
+
+for _name in unknown_variables(os.environ):
+    sys.stderr.write(f"image-proxy: warning: {_name} is not a setting this version reads (typo?)\n")
+
+bind = [_settings.bind]
+workers = _settings.workers
+threads = _settings.threads
+worker_class = "gthread"
+# Above the longest request: upstream deadline plus waiting for a render.
+timeout = int(_settings.upstream_timeout + _settings.request_budget + 10)
+graceful_timeout = 30
+keepalive = 5
+# A 2048-character source URL, percent-encoded, plus the other parameters.
+limit_request_line = 8190
+# Recycle workers now and then so a slow leak in a native library cannot grow forever.
+max_requests = 5000
+max_requests_jitter = 500
+accesslog = None  # the app writes one structured line per request itself
+errorlog = "-"
+loglevel = "info"
+capture_output = True
+
+def on_starting(server: object) -> None:
+    if _settings.redis_url is None:
+        redis_server = embedded_redis.start_owned(_settings.redis_maxmemory)
+        # Workers fork from this master and read their settings from the environment.
+        os.environ["IMAGE_PROXY_REDIS_URL"] = redis_server.url
+        logging.getLogger("gunicorn.error").info(
+            "embedded redis-server pid %s on %s", redis_server.pid, redis_server.socket_path
+        )
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    embedded_redis.stop_owned()
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if directory.startswith(tempfile.gettempdir()) and "image-proxy-metrics-" in directory:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
