@@ -1,0 +1,110 @@
+"""Failure sharing, concurrent misses and Redis outages, with real redis-server processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import pytest
+
+from app import create_app
+from app.embedded_redis import start_embedded_redis
+from tests.conftest import free_port
+
+PHOTO = "photos/portrait_1200x1800.jpg"
+
+
+def image_path(upstream, path: str, **params: object) -> str:
+    extra = "".join(f"&{k}={v}" for k, v in params.items())
+    return f"/image?url={quote(upstream.url(path), safe='')}{extra}"
+
+
+def test_failing_upstream_requested_concurrently_is_fetched_once_and_shared(app, upstream):
+    barrier = threading.Barrier(16)
+
+    def one(_: int) -> tuple[int, str]:
+        client = app.test_client()
+        barrier.wait()
+        response = client.get(image_path(upstream, "slow-image/0.3/status/503"))
+        return response.status_code, response.json["error"]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert {status for status, _ in results} == {502}
+    assert len({error for _, error in results}) == 1
+    assert upstream.hits["/slow-image/0.3/status/503"] == 1
+
+
+def test_concurrent_identical_misses_render_once(app, upstream):
+    barrier = threading.Barrier(12)
+
+    def one(_: int) -> tuple[int, bytes, str]:
+        client = app.test_client()
+        barrier.wait()
+        response = client.get(image_path(upstream, f"slow-image/0.3/{PHOTO}", w=300))
+        return response.status_code, response.get_data(), response.headers["X-Cache"]
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert {status for status, _, _ in results} == {200}
+    assert len({body for _, body, _ in results}) == 1
+    assert sorted(cache for _, _, cache in results).count("MISS") == 1
+    assert upstream.hits[f"/slow-image/0.3/{PHOTO}"] == 1
+
+
+def test_error_is_cached_only_for_error_ttl(settings, upstream):
+    app = create_app(settings.replace(error_ttl=1))
+    client = app.test_client()
+    assert client.get(image_path(upstream, "status/500")).status_code == 502
+    assert client.get(image_path(upstream, "status/500")).headers["X-Cache"] == "HIT"
+    time.sleep(1.2)
+    assert client.get(image_path(upstream, "status/500")).headers["X-Cache"] == "MISS"
+    assert upstream.hits["/status/500"] == 2
+
+
+def test_bad_parameters_are_not_cached_and_need_no_redis(client, upstream):
+    response = client.get(image_path(upstream, PHOTO, w="x"))
+    assert response.status_code == 400
+    assert "X-Cache" not in response.headers
+
+
+@pytest.fixture
+def restartable_redis():
+    port = free_port()
+    servers = [start_embedded_redis(port=port)]
+
+    class Handle:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def stop(self) -> None:
+            servers[-1].stop()
+
+        def start(self) -> None:
+            servers.append(start_embedded_redis(port=port))
+
+    yield Handle()
+    servers[-1].stop()
+
+
+def test_redis_down_serves_uncached_and_recovers_by_itself(settings, upstream, restartable_redis):
+    app = create_app(settings.replace(redis_url=restartable_redis.url))
+    client = app.test_client()
+    path = image_path(upstream, PHOTO, w=200)
+    assert client.get(path).headers["X-Cache"] == "MISS"
+    assert client.get(path).headers["X-Cache"] == "HIT"
+    assert client.get("/healthz").status_code == 200
+
+    restartable_redis.stop()
+    down = client.get(path)
+    assert down.status_code == 200
+    assert down.headers["X-Cache"] == "BYPASS"
+    health = client.get("/healthz")
+    assert health.status_code == 503
+    assert "redis" in health.json["error"]
+
+    restartable_redis.start()  # empty: the first request renders, the next hits
+    assert client.get("/healthz").status_code == 200
+    assert client.get(path).headers["X-Cache"] == "MISS"
+    assert client.get(path).headers["X-Cache"] == "HIT"

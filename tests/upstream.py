@@ -1,0 +1,166 @@
+"""A real HTTP upstream on 127.0.0.1 for the tests: corpus files and misbehaving routes.
+
+Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same file):
+  /photos/<name>, /edge/<name>   corpus files, always sent as image/jpeg (type must be sniffed)
+  /status/<code>                 that status with a short body
+  /redirect/<n>/<rest>           n redirect hops, then /<rest>
+  /to?url=<absolute url>         one 302 to that URL
+  /trickle?bytes=N&every=S       valid headers, then one byte every S seconds
+  /endless                       a body that never ends (bounded to 60 s)
+  /declared-large                Content-Length far over any cap
+  /short                         Content-Length 1000, 10 bytes, then close
+  /echo                          the request headers as JSON
+  /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
+Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fetch counts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def corpus_dir() -> Path:
+    for candidate in (CORPUS, Path(__file__).resolve().parent / "corpus"):
+        if (candidate / "photos").is_dir():
+            return candidate
+    raise RuntimeError(f"corpus not found at {CORPUS}")
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.corpus = corpus_dir()
+        self.hits: Counter[str] = Counter()
+        self.headers_seen: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        handler = type("Handler", (_Handler,), {"upstream": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def record(self, path: str, headers: dict[str, str]) -> None:
+        with self._lock:
+            self.hits[path] += 1
+            self.headers_seen.append(headers)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.hits.clear()
+            self.headers_seen.clear()
+
+    def start(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    upstream: Upstream
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        path = re.sub(r"^/v/[^/]+", "", parts.path)
+        query = parse_qs(parts.query)
+        self.upstream.record(path, dict(self.headers.items()))
+        try:
+            self._route(path, query)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", extra: dict[str, str] | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _route(self, path: str, query: dict[str, list[str]]) -> None:
+        up = self.upstream
+        if match := re.fullmatch(r"/(photos|edge)/([A-Za-z0-9_.-]+)", path):
+            file = up.corpus / match.group(1) / match.group(2)
+            if not file.is_file():
+                return self._send(404, b"not found", "text/plain")
+            return self._send(200, file.read_bytes(), extra={"Cache-Control": "no-cache", "Set-Cookie": "up=1"})
+        if match := re.fullmatch(r"/status/([0-9]{3})", path):
+            return self._send(int(match.group(1)), b"status body", "text/plain")
+        if match := re.fullmatch(r"/redirect/([0-9]+)/(.*)", path):
+            hops = int(match.group(1))
+            target = f"/redirect/{hops - 1}/{match.group(2)}" if hops > 1 else f"/{match.group(2)}"
+            return self._send(302, b"", "text/plain", {"Location": target})
+        if path == "/to":
+            return self._send(302, b"", "text/plain", {"Location": query["url"][0]})
+        if path == "/trickle":
+            total = int(query.get("bytes", ["100"])[0])
+            every = float(query.get("every", ["0.5"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            data = (up.corpus / "photos" / "waterfall_1800x1200.jpg").read_bytes()
+            for i in range(total):
+                if up._stop.is_set():
+                    return
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+                time.sleep(every)
+            return None
+        if path == "/endless":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            chunk = b"\xff\xd8\xff" + b"\0" * 65533
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up and not up._stop.is_set():
+                self.wfile.write(chunk)
+            self.close_connection = True
+            return None
+        if path == "/declared-large":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8\xff")
+            self.close_connection = True
+            return None
+        if path == "/short":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8\xff" + b"\0" * 7)
+            self.close_connection = True
+            return None
+        if path == "/echo":
+            return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
+        if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):
+            time.sleep(float(match.group(1)))
+            return self._route("/" + match.group(2), query)
+        return self._send(404, b"no such route", "text/plain")
