@@ -16,6 +16,7 @@ Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -87,10 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = re.sub(r"^/v/[^/]+", "", parts.path)
         query = parse_qs(parts.query)
         self.upstream.record(path, dict(self.headers.items()))
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._route(path, query)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", extra: dict[str, str] | None = None):
         self.send_response(status)

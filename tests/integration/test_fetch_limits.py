@@ -54,7 +54,8 @@ def test_body_under_the_cap_is_fetched(short_client, upstream):
 
 
 def test_redirects_are_followed_up_to_five(client, upstream):
-    response = client.get(f"/image?url={quote(upstream.url('redirect/5/photos/waterfall_1800x1200.jpg'), safe='')}&w=50")
+    source = quote(upstream.url("redirect/5/photos/waterfall_1800x1200.jpg"), safe="")
+    response = client.get(f"/image?url={source}&w=50")
     assert response.status_code == 200
 
 

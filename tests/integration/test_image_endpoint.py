@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 from urllib.parse import quote
 
+import pillow_avif  # noqa: F401
 import pytest
 from PIL import Image
-
-import pillow_avif  # noqa: F401
 
 PHOTO = "photos/waterfall_1800x1200.jpg"
 
