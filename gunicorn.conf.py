@@ -51,6 +51,9 @@ accesslog = None  # the app writes one structured line per request itself
 errorlog = "-"
 loglevel = "info"
 capture_output = True
+# gunicorn 27's control socket lives at one fixed path per user, which two instances on one
+# machine (a blue/green deploy, the two-instance test) would fight over; nothing here uses it.
+control_socket_disable = True
 
 def on_starting(server: object) -> None:
     if _settings.redis_url is None:
