@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(STAMP)
+	bash scripts/install-test-packages.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

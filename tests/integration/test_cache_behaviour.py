@@ -108,3 +108,23 @@ def test_redis_down_serves_uncached_and_recovers_by_itself(settings, upstream, r
     assert client.get("/healthz").status_code == 200
     assert client.get(path).headers["X-Cache"] == "MISS"
     assert client.get(path).headers["X-Cache"] == "HIT"
+
+
+def test_output_too_large_to_cache_is_served_but_not_stored(settings, upstream, redis_client):
+    app = create_app(settings.replace(max_cache_entry_bytes=1000))
+    client = app.test_client()
+    path = image_path(upstream, PHOTO, w=300)
+    first, second = client.get(path), client.get(path)
+    assert first.status_code == second.status_code == 200
+    assert len(first.get_data()) > 1000
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
+    assert not [key for key in redis_client.scan_iter("ip:*") if key.endswith(b":v")]
+
+
+def test_embedded_redis_runs_as_an_lru_cache_with_a_memory_cap(redis_server):
+    import redis as redis_module
+
+    config = redis_module.Redis.from_url(redis_server.url).config_get("maxmemory*")
+    assert config["maxmemory-policy"] == "allkeys-lru"
+    assert int(config["maxmemory"]) > 0
+    assert redis_module.Redis.from_url(redis_server.url).config_get("save")["save"] == ""
