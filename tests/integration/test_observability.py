@@ -51,13 +51,8 @@ def test_access_log_is_one_json_line_per_request_without_the_source_query(settin
     app = create_app(settings.replace(log_format="json"))
     client = app.test_client()
     secret_url = upstream.url("photos/insect_2560x1280.jpg") + "?token=s3cret"
-    logger = logging.getLogger("image_proxy.access")
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="image_proxy.access"):
-            client.get(f"/image?url={quote(secret_url, safe='')}&w=100")
-    finally:
-        logger.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="image_proxy.access"):
+        client.get(f"/image?url={quote(secret_url, safe='')}&w=100")
     lines = [r.getMessage() for r in caplog.records if r.name == "image_proxy.access"]
     assert len(lines) == 1
     record = json.loads(lines[0])
