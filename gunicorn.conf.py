@@ -4,10 +4,13 @@ Every value comes from the IMAGE_PROXY_* settings (app/settings.py), so a bad va
 stops the master before any worker starts, with a message naming it. gunicorn's own
 GUNICORN_CMD_ARGS and command-line flags still override anything here.
 
-Why gthread with 2 workers x 8 threads on 2 cores: renders are CPU-bound and Pillow
-releases the GIL while decoding, resizing and encoding, so two processes fill two cores;
-the extra threads serve cache hits and dedup waiters (which only wait on Redis) while
-renders run, and each worker lets only IMAGE_PROXY_RENDER_SLOTS renders run at once.
+Why gthread with 2 workers x 32 threads on 2 cores: renders are CPU-bound and Pillow
+releases the GIL while decoding, resizing and encoding, so two processes fill two cores and
+RENDER_SLOTS=2 renders per worker keep both busy while one of them fetches. Misses in flight
+(fetching, waiting for a render slot or for another request's render) are capped at
+MAX_QUEUE=24 per worker, answered with an immediate 503 beyond it, so 8 threads per worker
+are always free for cache hits, which take one Redis GET: hits never queue behind misses,
+even when every upstream trickles. Threads are cheap here (a parked thread is a few KB of RSS).
 """
 
 from __future__ import annotations

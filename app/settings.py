@@ -159,7 +159,7 @@ MIB = 1024 * 1024
 SETTINGS: tuple[Spec, ...] = (
     Spec("bind", _bind, "127.0.0.1:8000", "Address gunicorn listens on."),
     Spec("workers", _int(1, 64), "2", "gunicorn worker processes (one per core measured best on 2 cores)."),
-    Spec("threads", _int(1, 256), "8", "Threads per worker; waiters and cache hits must not queue behind renders."),
+    Spec("threads", _int(2, 256), "32", "Threads per worker: renders, waiters and cache hits; THREADS - MAX_QUEUE stay free for hits."),
     Spec("redis_url", _redis_url, "", "redis://, rediss:// or unix:// URL of a shared Redis; empty starts an embedded one."),
     Spec("redis_cluster", _bool, "false", "Treat REDIS_URL as one node of a Redis Cluster."),
     Spec("redis_timeout", _seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS)."),
@@ -171,7 +171,8 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("request_budget", _seconds(1, 600), "30", "How long a waiter waits for another request's render before a 503."),
     Spec("lock_expire", _int(2, 3600), "10", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held)."),
     Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot."),
-    Spec("queue_timeout", _seconds(0, 60), "5", "Seconds a request waits for a render slot before a 503 with Retry-After."),
+    Spec("queue_timeout", _seconds(0, 60), "10", "Seconds a miss waits for a render slot before a 503 with Retry-After."),
+    Spec("max_queue", _int(1, 255), "24", "Misses in flight per worker (fetching, waiting, rendering); past it an immediate 503. Must be below THREADS."),
     Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
     Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
     Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
@@ -191,7 +192,7 @@ SETTINGS: tuple[Spec, ...] = (
 class Settings:
     bind: str = "127.0.0.1:8000"
     workers: int = 2
-    threads: int = 8
+    threads: int = 32
     redis_url: str | None = None
     redis_cluster: bool = False
     redis_timeout: float = 0.25
@@ -203,7 +204,8 @@ class Settings:
     request_budget: float = 30.0
     lock_expire: int = 10
     render_slots: int = 2
-    queue_timeout: float = 5.0
+    queue_timeout: float = 10.0
+    max_queue: int = 24
     max_source_bytes: int = 32 * MIB
     max_source_pixels: int = 50_000_000
     max_width: int = 8192
@@ -229,6 +231,12 @@ class Settings:
                 values[spec.attr] = spec.parse(raw)
             except ValueError as exc:
                 problems.append(f"{spec.env}={raw!r}: {exc}")
+        threads, max_queue = values.get("threads", cls.threads), values.get("max_queue", cls.max_queue)
+        if not problems and max_queue >= threads:
+            problems.append(
+                f"{PREFIX}MAX_QUEUE={max_queue} must be below {PREFIX}THREADS={threads}, "
+                "or cache hits would wait behind misses"
+            )
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
         return cls(**values)

@@ -11,6 +11,7 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
   /short                         Content-Length 1000, 10 bytes, then close
   /echo                          the request headers as JSON
   /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
+  /slow-first/<delay>/<path>     like slow-image for the first request of that path only
 Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fetch counts.
 """
 
@@ -161,5 +162,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
         if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):
             time.sleep(float(match.group(1)))
+            return self._route("/" + match.group(2), query)
+        if match := re.fullmatch(r"/slow-first/([0-9.]+)/(.*)", path):
+            if up.hits[path] == 1:
+                time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
         return self._send(404, b"no such route", "text/plain")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from app.cache import Cache, CacheEntry, CacheUnavailable, LockWaitTimeout
 from app.errors import Busy, ProxyError
 from app.fetch import Fetcher
 from app.guard import URLPolicy
+from app.image.admission import Admission
 from app.image.params import ImageRequest
 from app.render import RenderOptions, render
 from app.settings import Settings
@@ -55,19 +55,23 @@ class ImageService:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
-        # Admission control: renders are CPU-bound, so past a few per worker each one only
-        # gets slower; waiting for a slot is bounded, then the answer is a quick 503.
-        self._render_slots = threading.BoundedSemaphore(settings.render_slots)
+        self.admission = Admission(
+            max_in_flight=settings.max_queue, render_slots=settings.render_slots, queue_timeout=settings.queue_timeout
+        )
 
     def serve(self, request: ImageRequest, url_policy: URLPolicy) -> Served:
         key = request.cache_key()
         try:
             entry = self.cache.get(key)
         except CacheUnavailable:
-            return self._produce(request, url_policy, BYPASS)
+            with self.admission.miss():
+                return self._produce(request, url_policy, BYPASS)
         if entry is not None:
             return Served(entry, HIT)
+        with self.admission.miss():
+            return self._serve_miss(request, url_policy, key)
 
+    def _serve_miss(self, request: ImageRequest, url_policy: URLPolicy, key: str) -> Served:
         started = time.monotonic()
         deadline = started + self.settings.request_budget
         try:
@@ -104,14 +108,10 @@ class ImageService:
             max_frames=self.settings.max_animation_frames,
             input_formats=self.settings.input_formats,
         )
-        if not self._render_slots.acquire(timeout=self.settings.queue_timeout):
-            raise Busy("too many images are being rendered right now; retry shortly", retry_after=1)
-        try:
+        with self.admission.render_slot():
             started = time.monotonic()
             rendered = render(source.body, options)
             timings.render_s = time.monotonic() - started
-        finally:
-            self._render_slots.release()
         return CacheEntry(
             status=200,
             body=rendered.body,
@@ -123,6 +123,8 @@ class ImageService:
                 "frames": rendered.frames,
                 "source_format": rendered.source_format,
                 "source_bytes": len(source.body),
+                "source_width": rendered.source_width,
+                "source_height": rendered.source_height,
             },
         )
 
