@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fuzz bench clean venv
+.PHONY: run test lint fuzz bench chaos clean venv
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+chaos: $(STAMP)
+	bash scripts/install-test-packages.sh
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

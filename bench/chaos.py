@@ -1,0 +1,392 @@
+"""`make chaos`: overload, restart and fault scenarios at realistic sizes, one table out.
+
+Every scenario starts its own gunicorn (the project's gunicorn.conf.py, default settings
+unless the row says otherwise), its own loopback upstream and, where it needs one, its own
+redis-server, and stops each by PID. Every load loop is bounded in count and time; the
+whole run stays under 10 minutes on 2 cores. Only 127.0.0.1 is ever contacted.
+
+    python -m bench.chaos [--only NAME,...] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+from app.embedded_redis import EmbeddedRedis, start_embedded_redis
+from tests.conftest import Gunicorn, free_port, gunicorn_env
+from tests.upstream import Upstream
+
+PHOTOS = [
+    "panda_3872x2592.jpg",
+    "lunch_3264x1836.jpg",
+    "saw_2725x2225.jpg",
+    "waterfall_1800x1200.jpg",
+    "insect_2560x1280.jpg",
+    "portrait_1200x1800.jpg",
+]
+
+
+@dataclass
+class Row:
+    scenario: str
+    load: str
+    requests: int = 0
+    failures: int = 0
+    latencies: list[float] = field(default_factory=list)
+    recovery: str = "-"
+    notes: str = ""
+
+    def cells(self) -> list[str]:
+        lat = sorted(self.latencies)
+        p50 = f"{statistics.median(lat) * 1000:.0f}" if lat else "-"
+        p95 = f"{lat[min(len(lat) - 1, int(len(lat) * 0.95))] * 1000:.0f}" if lat else "-"
+        return [self.scenario, self.load, str(self.requests), str(self.failures), p50, p95, self.recovery, self.notes]
+
+
+class Env:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.upstream = Upstream().start()
+        self.started: list[Gunicorn] = []
+
+    def gunicorn(self, **settings: str) -> Gunicorn:
+        port = free_port()
+        settings.setdefault("bind", f"127.0.0.1:{port}")
+        settings.setdefault("allow_networks", "127.0.0.0/8")
+        server = Gunicorn(gunicorn_env(**settings), port, self.workdir / f"gunicorn-{port}.log")
+        self.started.append(server)
+        return server.start()
+
+    def url(self, server: Gunicorn, path: str, **params: object) -> str:
+        extra = "".join(f"&{k}={v}" for k, v in params.items())
+        return f"{server.base}/image?url={quote(self.upstream.url(path), safe='')}{extra}"
+
+    def close(self) -> None:
+        for server in self.started:
+            server.stop()
+        self.upstream.stop()
+
+
+def timed_get(url: str, session: requests.Session | None = None, **kwargs: object) -> tuple[int, float, str]:
+    started = time.monotonic()
+    try:
+        response = (session or requests).get(url, timeout=60, **kwargs)  # type: ignore[arg-type]
+        return response.status_code, time.monotonic() - started, response.headers.get("X-Cache", "")
+    except requests.RequestException as exc:
+        return -1, time.monotonic() - started, type(exc).__name__
+
+
+Result = tuple[int, float, str]  # status (-1: connection error), seconds, X-Cache
+
+
+def hit_loop(url: str, until: Callable[[], bool], limit: int = 2000, pause: float = 0.02) -> list[Result]:
+    results = []
+    with requests.Session() as session:
+        while not until() and len(results) < limit:
+            results.append(timed_get(url, session))
+            time.sleep(pause)
+    return results
+
+
+def workers_of(master: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == master and b"redis-server" not in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+def flood(env: Env) -> list[Row]:
+    """A cold page: 64 distinct misses at once, while a client keeps asking for a cached image."""
+    server = env.gunicorn()
+    hit_url = env.url(server, "photos/waterfall_1800x1200.jpg", w=320)
+    timed_get(hit_url)
+    done = threading.Event()
+    with ThreadPoolExecutor(1) as hitter:
+        hits_future = hitter.submit(hit_loop, hit_url, done.is_set)
+        with ThreadPoolExecutor(64) as pool:
+            misses = list(pool.map(
+                lambda i: timed_get(env.url(server, f"v/flood{i}/photos/{PHOTOS[i % len(PHOTOS)]}", w=640)),
+                range(64),
+            ))
+        done.set()
+        hits = hits_future.result()
+    ok = sum(1 for s, _, _ in misses if s == 200)
+    busy = sum(1 for s, _, _ in misses if s == 503)
+    return [
+        Row("flood: misses", "64 concurrent distinct misses, w=640 webp", len(misses),
+            sum(1 for s, _, _ in misses if s not in (200, 503)), [t for _, t, _ in misses],
+            notes=f"{ok} rendered, {busy} got 503 + Retry-After"),
+        Row("flood: hits meanwhile", "1 client, hits in a loop", len(hits), sum(1 for s, _, _ in hits if s != 200),
+            [t for _, t, _ in hits]),
+    ]
+
+
+def hup(env: Env) -> list[Row]:
+    """Deploy under load: kill -HUP the master while 8 clients send hits and misses."""
+    server = env.gunicorn()
+    cached = env.url(server, "photos/saw_2725x2225.jpg", w=200)
+    timed_get(cached)
+    stop_at = time.monotonic() + 10
+    results: list[tuple[int, float, str]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        n = 0
+        while time.monotonic() < stop_at and n < 500:
+            n += 1
+            url = cached if n % 2 else env.url(server, f"v/hup{index}-{n}/photos/portrait_1200x1800.jpg", w=160)
+            result = timed_get(url, headers={"Connection": "close"})
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    assert server.process is not None
+    old = set(workers_of(server.process.pid))
+    os.kill(server.process.pid, signal.SIGHUP)
+    for thread in threads:
+        thread.join()
+    replaced = not (set(workers_of(server.process.pid)) & old)
+    kept = timed_get(cached)[2] == "HIT"
+    return [Row("HUP reload", "c8 hits+misses for 10 s, HUP at 3 s", len(results),
+                sum(1 for s, _, _ in results if s not in (200, 304)), [t for _, t, _ in results],
+                notes=f"workers replaced: {replaced}; embedded cache kept: {kept}")]
+
+
+def term(env: Env) -> list[Row]:
+    """Stop: kill -TERM while 4 renders (w=1920 avif) are in flight."""
+    server = env.gunicorn()
+    assert server.process is not None
+    before = set(Path(tempfile.gettempdir()).glob("image-proxy-*"))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(timed_get, env.url(server, f"v/term{i}/photos/{PHOTOS[i]}", w=1920, format="avif"))
+                   for i in range(4)]
+        time.sleep(0.3)
+        sent = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        results = [f.result() for f in futures]
+    code = server.process.wait(60)
+    exited = time.monotonic() - sent
+    leftovers = set(Path(tempfile.gettempdir()).glob("image-proxy-*")) - before
+    return [Row("TERM stop", "4 in-flight w=1920 avif renders", len(results),
+                sum(1 for s, _, _ in results if s != 200), [t for _, t, _ in results],
+                recovery=f"exit {code} after {exited:.1f} s",
+                notes=f"temp dirs left: {len(leftovers)}")]
+
+
+def holder_killed(env: Env, redis_server: EmbeddedRedis) -> list[Row]:
+    """The worker holding a render lock is SIGKILLed; a waiter elsewhere takes over."""
+    holder = env.gunicorn(redis_url=redis_server.url)
+    waiter = env.gunicorn(redis_url=redis_server.url)
+    path = "slow-first/60/photos/lunch_3264x1836.jpg"
+    threading.Thread(target=timed_get, args=(env.url(holder, path, w=640),), daemon=True).start()
+    give_up = time.monotonic() + 10
+    while not env.upstream.hits["/" + path] and time.monotonic() < give_up:
+        time.sleep(0.05)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(timed_get, env.url(waiter, path, w=640)) for _ in range(8)]
+        time.sleep(0.5)
+        assert holder.process is not None
+        killed = time.monotonic()
+        for pid in workers_of(holder.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        results = [f.result() for f in futures]
+    finished = time.monotonic() - killed
+    return [Row("lock holder SIGKILLed", "8 waiters on another instance, LOCK_EXPIRE=10", len(results),
+                sum(1 for s, _, _ in results if s != 200), [t for _, t, _ in results],
+                recovery=f"{finished:.1f} s after the kill",
+                notes=f"upstream fetches: {env.upstream.hits['/' + path]}")]
+
+
+def redis_stall(env: Env, redis_server: EmbeddedRedis) -> list[Row]:
+    """redis-server paused (SIGSTOP) for 3 s under hit load, then resumed (SIGCONT)."""
+    server = env.gunicorn(redis_url=redis_server.url)
+    url = env.url(server, "photos/insect_2560x1280.jpg", w=320)
+    timed_get(url)
+    stalled: list[tuple[int, float, str]] = []
+    with ThreadPoolExecutor(4) as pool:
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 3
+            futures = [pool.submit(hit_loop, url, lambda: time.monotonic() > end, 200, 0.0) for _ in range(4)]
+            for future in futures:
+                stalled.extend(future.result())
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    while timed_get(url)[2] != "HIT" and time.monotonic() - resumed < 30:
+        time.sleep(0.05)
+    back = time.monotonic() - resumed
+    bypass = sum(1 for _, _, c in stalled if c == "BYPASS")
+    return [Row("Redis stalled 3 s", "c4 requests for a cached image", len(stalled),
+                sum(1 for s, _, _ in stalled if s != 200), [t for _, t, _ in stalled],
+                recovery=f"HIT {back:.2f} s after SIGCONT", notes=f"{bypass} BYPASS (re-rendered, uncached)")]
+
+
+def redis_restart(env: Env) -> list[Row]:
+    """Redis restarted empty while 16 waiters wait on a locked key."""
+    port = free_port()
+    servers = [start_embedded_redis(port=port)]
+    try:
+        server = env.gunicorn(redis_url=servers[0].url)
+        path = "slow-first/3/photos/paddleboat_3264x1836.jpg"
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(timed_get, env.url(server, path, w=640)) for _ in range(16)]
+            time.sleep(1)
+            servers[-1].stop()
+            servers.append(start_embedded_redis(port=port))
+            restarted = time.monotonic()
+            results = [f.result() for f in futures]
+        settled = time.monotonic() - restarted
+        after = timed_get(env.url(server, "photos/paddleboat_3264x1836.jpg", w=641))
+        return [Row("Redis restarted empty", "16 waiters on a locked key", len(results),
+                    sum(1 for s, _, _ in results if s != 200), [t for _, t, _ in results],
+                    recovery=f"all answered {settled:.1f} s after the restart",
+                    notes=f"next request: {after[0]} {after[2]}")]
+    finally:
+        servers[-1].stop()
+
+
+def trickle(env: Env) -> list[Row]:
+    """200 concurrent requests to upstreams that trickle one byte at a time (UPSTREAM_TIMEOUT 20 s)."""
+    server = env.gunicorn()
+    hit_url = env.url(server, "photos/waterfall_1800x1200.jpg", w=100)
+    timed_get(hit_url)
+    done = threading.Event()
+    with ThreadPoolExecutor(1) as hitter:
+        hits_future = hitter.submit(hit_loop, hit_url, done.is_set, 2000, 0.05)
+        with ThreadPoolExecutor(200) as pool:
+            results = list(pool.map(lambda i: timed_get(env.url(server, f"v/tr{i}/trickle?bytes=100000&every=0.2")),
+                                    range(200)))
+        done.set()
+        hits = hits_future.result()
+    statuses = {s: sum(1 for r in results if r[0] == s) for s in {r[0] for r in results}}
+    return [
+        Row("trickling upstreams", "200 concurrent, 1 byte / 0.2 s", len(results),
+            sum(1 for s, _, _ in results if s not in (503, 504)), [t for _, t, _ in results],
+            notes=", ".join(f"{n}x {s}" for s, n in sorted(statuses.items()))),
+        Row("trickle: hits meanwhile", "1 client, hits in a loop", len(hits), sum(1 for s, _, _ in hits if s != 200),
+            [t for _, t, _ in hits]),
+    ]
+
+
+def leaks(env: Env) -> list[Row]:
+    """A bounded mixed run: hits, misses, upstream errors, bad input, clients that hang up."""
+    server = env.gunicorn(workers="1")
+    assert server.process is not None
+    (worker,) = workers_of(server.process.pid)
+    mixed = [
+        env.url(server, "photos/saw_2725x2225.jpg", w=120),
+        env.url(server, "status/500"),
+        env.url(server, "edge/random.bin"),
+        env.url(server, "edge/bomb_png_100k.png"),
+        f"{server.base}/image?url=nonsense&w=abc",
+    ]
+
+    def run(rounds: int) -> list[tuple[int, float, str]]:
+        out = []
+        with requests.Session() as session:
+            for n in range(rounds):
+                out.extend(timed_get(url, session) for url in mixed)
+                out.append(timed_get(env.url(server, f"v/leak{rounds}-{n}/photos/portrait_1200x1800.jpg", w=90),
+                                     session))
+                with contextlib.suppress(requests.RequestException), requests.get(
+                    mixed[0], stream=True, timeout=30
+                ) as response:
+                    response.raw.read(10)  # hang up mid-body
+        return out
+
+    def resources() -> tuple[int, int]:
+        time.sleep(0.5)
+        threads = int(next(line.split()[1] for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                           if line.startswith("Threads:")))
+        return len(os.listdir(f"/proc/{worker}/fd")), threads
+
+    run(20)
+    before = resources()
+    results = run(150)
+    after = resources()
+    return [Row("no leaks", "1,050 mixed requests (+150 hang-ups)", len(results),
+                sum(1 for s, _, _ in results if s == 500 or s < 0), [t for _, t, _ in results],
+                notes=f"worker fds {before[0]} -> {after[0]}, threads {before[1]} -> {after[1]}")]
+
+
+SCENARIOS: dict[str, Callable[..., list[Row]]] = {
+    "flood": flood,
+    "hup": hup,
+    "term": term,
+    "holder": holder_killed,
+    "stall": redis_stall,
+    "restart": redis_restart,
+    "trickle": trickle,
+    "leaks": leaks,
+}
+NEEDS_REDIS = {"holder", "stall"}
+
+
+@contextlib.contextmanager
+def environment() -> Iterator[Env]:
+    with tempfile.TemporaryDirectory(prefix="image-proxy-chaos-") as workdir:
+        env = Env(Path(workdir))
+        try:
+            yield env
+        finally:
+            env.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated scenario names: " + ", ".join(SCENARIOS))
+    args = parser.parse_args(argv)
+    chosen = [name for name in SCENARIOS if not args.only or name in args.only.split(",")]
+    rows: list[Row] = []
+    started = time.monotonic()
+    for name in chosen:
+        t0 = time.monotonic()
+        with environment() as env:
+            if name in NEEDS_REDIS:
+                redis_server = start_embedded_redis(port=free_port())
+                try:
+                    rows.extend(SCENARIOS[name](env, redis_server))
+                finally:
+                    redis_server.stop()
+            else:
+                rows.extend(SCENARIOS[name](env))
+        print(f"# {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    header = ["scenario", "load", "requests", "failures", "p50 ms", "p95 ms", "recovery", "notes"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
+    print(f"\nTotal {time.monotonic() - started:.0f} s on {os.cpu_count()} cores. "
+          "failures = answers outside what the scenario allows (e.g. a 5xx that is not 503/504, a connection error).")
+    return 0 if all(row.failures == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
