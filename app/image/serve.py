@@ -26,7 +26,7 @@ from app.fetch import Fetcher
 from app.guard import URLPolicy
 from app.image.admission import Admission
 from app.image.params import ImageRequest
-from app.render import RenderOptions, render
+from app.render import RenderOptions, Rendered, render
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
@@ -108,10 +108,14 @@ class ImageService:
             max_frames=self.settings.max_animation_frames,
             input_formats=self.settings.input_formats,
         )
-        with self.admission.render_slot():
-            started = time.monotonic()
-            rendered = render(source.body, options)
-            timings.render_s = time.monotonic() - started
+        def timed_render() -> Rendered:
+            started = time.monotonic()  # on the render thread: slot waiting is not render time
+            try:
+                return render(source.body, options)
+            finally:
+                timings.render_s = time.monotonic() - started
+
+        rendered = self.admission.render(timed_render)
         return CacheEntry(
             status=200,
             body=rendered.body,
