@@ -26,7 +26,7 @@ from app.fetch import Fetcher
 from app.guard import URLPolicy
 from app.image.admission import Admission
 from app.image.params import ImageRequest
-from app.render import RenderOptions, Rendered, render
+from app.render import Rendered, RenderOptions, render
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
