@@ -31,7 +31,7 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=20000 FUZZ_DEADLINE_S=600 $(BIN)/python -m pytest tests/unit/test_fuzz_render.py -q
 
 bench: $(STAMP)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 chaos: $(STAMP)
 	bash scripts/install-test-packages.sh

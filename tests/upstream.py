@@ -168,3 +168,17 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
         return self._send(404, b"no such route", "text/plain")
+
+
+if __name__ == "__main__":
+    # `python -m tests.upstream`: run the upstream on its own (benchmarks), print its port.
+    import signal
+    import sys
+
+    server = Upstream().start()
+    print(server.port, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    finally:
+        server.stop()
