@@ -18,6 +18,7 @@ from app import embedded_redis, observe
 from app.cache import Cache, CacheUnavailable, make_client
 from app.errors import ProxyError
 from app.fetch import Fetcher, Resolver, system_resolver
+from app.front.views import bp as front_bp
 from app.guard import AddressPolicy
 from app.image.serve import ImageService
 from app.image.views import bp as image_bp
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
     app.extensions["image_proxy"] = Services(settings, cache, fetcher, ImageService(settings, cache, fetcher))
 
     app.register_blueprint(image_bp)
+    if settings.front_page:
+        app.register_blueprint(front_bp)
     _register_health_and_metrics(app)
     _register_error_handlers(app)
     observe.install(app)

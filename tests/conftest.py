@@ -166,3 +166,27 @@ def start_gunicorn(tmp_path: Path):
     yield start
     for server in started:
         server.stop()
+
+
+# -- headless Chromium (tests/chromium.py) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium_binary() -> str:
+    """Debian's chromium, installed with apt-get on first use; a skip says why if impossible."""
+    from tests.chromium import ChromiumUnavailable, ensure_chromium
+
+    try:
+        return ensure_chromium()
+    except ChromiumUnavailable as exc:
+        pytest.skip(f"headless Chromium unavailable: {exc}")
+
+
+@pytest.fixture
+def chromium(chromium_binary: str, tmp_path: Path):
+    """A started headless Chromium on a fresh profile; stopped by PID after the test."""
+    from tests.chromium import Chromium
+
+    browser = Chromium(chromium_binary, tmp_path / "chromium-profile").start()
+    yield browser
+    browser.stop()

@@ -22,7 +22,7 @@ PHOTO = "photos/panda_3872x2592.jpg"
 
 
 def test_32_concurrent_identical_misses_fetch_once_across_workers(start_gunicorn, upstream):
-    server = start_gunicorn(workers="2", threads="16")
+    server = start_gunicorn(workers="2", threads="40", max_queue="36")
     # A slow upstream keeps the first fetch open while all 32 requests arrive.
     url = f"{server.base}/image?url={quote(upstream.url('slow-image/0.5/' + PHOTO), safe='')}&w=480"
     barrier = threading.Barrier(32)
