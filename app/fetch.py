@@ -83,7 +83,9 @@ class _GuardedConnectionMixin:
     def _new_conn(self) -> socket.socket:
         host = self.host.strip("[]")
         try:
-            addresses = self.resolve(host, self.port)
+            # A literal address is its own answer: a resolver (or a stub in a test) never
+            # gets the chance to turn "127.0.0.2" into something else.
+            addresses = _literal(host) or self.resolve(host, self.port)
         except (socket.gaierror, UnicodeError) as exc:
             raise NameResolutionError(self.host, self, socket.gaierror(str(exc))) from exc  # type: ignore[arg-type]
         if not addresses:
@@ -110,6 +112,13 @@ class _GuardedConnectionMixin:
                 sock.close()
                 last_error = exc
         raise NewConnectionError(self, f"Failed to establish a new connection: {last_error}")
+
+
+def _literal(host: str) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return []
 
 
 def _adapter(policy: AddressPolicy, resolve: Resolver, pool_size: int) -> HTTPAdapter:

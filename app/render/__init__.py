@@ -65,6 +65,9 @@ def render(data: bytes, options: RenderOptions) -> Rendered:
         if canvas.image is not None:
             canvas.image.close()
     width, height = canvas.target_size
+    source_width, source_height = canvas.source_size
+    if canvas.orientation in (5, 6, 7, 8):
+        source_width, source_height = source_height, source_width
     return Rendered(
         body=canvas.body,
         content_type=canvas.content_type,
@@ -72,6 +75,8 @@ def render(data: bytes, options: RenderOptions) -> Rendered:
         height=height,
         frames=canvas.frame_count,
         source_format=canvas.source_format,
+        source_width=source_width,
+        source_height=source_height,
     )
 
 

@@ -65,3 +65,5 @@ class Rendered:
     height: int
     frames: int
     source_format: str
+    source_width: int = 0  # upright, as a viewer shows the source
+    source_height: int = 0

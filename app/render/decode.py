@@ -39,8 +39,8 @@ def _frames(canvas: Canvas, image: Image.Image) -> Iterator[Frame]:
                 break
             # The sequence reuses one Image; each frame is copied before the next seek.
             yield Frame(frame.copy(), duration=round(float(frame.info.get("duration", 0) or 0)))
-    except BadSource:
-        raise
+    except (BadSource, MemoryError):
+        raise  # render() words a MemoryError as "needs more memory", not as corrupt data
     except Exception as exc:  # truncated, corrupt, or a decoder refusing the data
         raise BadSource(f"the {canvas.source_format.upper()} data is corrupt or truncated: {_short(exc)}") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import pillow_avif  # noqa: F401  (registers the AVIF plugin with its aom/rav1e/svt encoders)
@@ -15,18 +16,32 @@ import pillow_avif  # noqa: F401  (registers the AVIF plugin with its aom/rav1e/
 from app.errors import BadSource
 from app.render.canvas import Canvas, Frame, RenderOptions
 
-WEBP_METHOD = 4
-AVIF_SPEED = 8
-AVIF_CODEC = "aom"
 
-#: (webp q, avif encoder quality) pairs with equal mean luma SSIM on the photo corpus;
-#: linear in between. Measured with `make quality-map` (README, "Quality").
+@dataclass(frozen=True)
+class EncoderSettings:
+    """The encoder knobs that trade CPU for bytes; bench/encoder_sweep.py measures candidates."""
+
+    webp_method: int = 4
+    avif_codec: str = "aom"  # pillow-avif-plugin names: aom, svt, rav1e
+    avif_speed: int = 8
+    avif_subsampling: str = "4:2:0"
+    avif_max_threads: int | None = None  # None: the plugin's default, the CPU count
+
+
+ENCODER = EncoderSettings()
+# Read by bench/quality_map.py's report header.
+WEBP_METHOD, AVIF_SPEED, AVIF_CODEC = ENCODER.webp_method, ENCODER.avif_speed, ENCODER.avif_codec
+
+#: (webp q, avif encoder quality) pairs with equal mean luma SSIM on the 9-photo corpus at
+#: w=640 and w=1920 (`python -m bench.quality_map`; README, "Quality"); linear in between.
+#: 50..95 are measured; 1 and 100 are the ends of the scale, not measurements.
 AVIF_QUALITY_MAP: tuple[tuple[int, int], ...] = (
     (1, 1),
-    (50, 50),
-    (65, 57),
+    (50, 51),
+    (65, 56),
     (75, 60),
-    (85, 72),
+    (85, 73),
+    (90, 83),
     (95, 90),
     (100, 100),
 )
@@ -43,17 +58,20 @@ def avif_quality(q: int) -> int:
     return round(y0 + (y1 - y0) * (q - x0) / (x1 - x0))
 
 
-def encoder_arguments(fmt: str, quality: int) -> dict[str, Any]:
+def encoder_arguments(fmt: str, quality: int, settings: EncoderSettings | None = None) -> dict[str, Any]:
+    settings = settings or ENCODER  # looked up per call, so a benchmark can swap ENCODER
     # Explicit empty metadata: both plugins otherwise copy EXIF/XMP/ICC from image.info.
     empty: dict[str, Any] = {"exif": b"", "xmp": b"", "icc_profile": b""}
     if fmt == "webp":
-        return {"format": "WEBP", "quality": quality, "method": WEBP_METHOD, **empty}
+        return {"format": "WEBP", "quality": quality, "method": settings.webp_method, **empty}
+    threads = {} if settings.avif_max_threads is None else {"max_threads": settings.avif_max_threads}
     return {
         "format": "AVIF",
         "quality": avif_quality(quality),
-        "speed": AVIF_SPEED,
-        "codec": AVIF_CODEC,
-        "subsampling": "4:2:0",
+        "speed": settings.avif_speed,
+        "codec": settings.avif_codec,
+        "subsampling": settings.avif_subsampling,
+        **threads,
         **empty,
     }
 
@@ -77,7 +95,27 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
         first.save(buffer, **arguments)
     except (OSError, ValueError) as exc:
         raise BadSource(f"cannot encode this image as {options.format.upper()}: {exc}") from None
-    canvas.body = buffer.getvalue()
-    canvas.content_type = CONTENT_TYPES[options.format]
     canvas.has_alpha = first.mode == "RGBA"
+    body = buffer.getvalue()
+    if options.format == "webp" and canvas.animated and canvas.has_alpha:
+        body = flag_webp_alpha(body)
+    canvas.body = body
+    canvas.content_type = CONTENT_TYPES[options.format]
     canvas.frame_count = len(frames)
+
+
+_VP8X_ALPHA = 0x10
+
+
+def flag_webp_alpha(body: bytes) -> bytes:
+    """Set the VP8X alpha flag of an animated WebP whose frames are transparent.
+
+    libwebp's animation encoder crops each frame to the rectangle that changed and sets the
+    flag only when a cropped frame itself carries alpha. A frame that is opaque inside its
+    crop but transparent around it leaves the flag unset, and decoders that trust the flag
+    (Pillow, SDL_image) then show the transparent canvas as black. The flag only says
+    "decode with alpha", which is true here, so setting it is always safe.
+    """
+    if body[12:16] != b"VP8X" or body[20] & _VP8X_ALPHA:
+        return body
+    return body[:20] + bytes([body[20] | _VP8X_ALPHA]) + body[21:]

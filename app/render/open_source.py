@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadSource
 from app.render.canvas import Canvas, RenderOptions
@@ -22,14 +22,21 @@ PILLOW_FORMATS = {
     "bmp": "BMP",
     "tiff": "TIFF",
 }
+ANIMATED_FORMATS = frozenset({"gif", "png", "webp", "avif"})
 
 
 def open_source(canvas: Canvas, options: RenderOptions) -> None:
     try:
         image = Image.open(io.BytesIO(canvas.data), formats=[PILLOW_FORMATS[canvas.source_format]])
         frame_count = int(getattr(image, "n_frames", 1) or 1)
+    except UnidentifiedImageError:
+        # Pillow's own message names a BytesIO object's address: useless to a client.
+        raise BadSource(f"not a valid {canvas.source_format.upper()} file (its header does not parse)") from None
     except Exception as exc:  # any failure to parse upstream bytes is the upstream's fault
         raise BadSource(f"cannot read the {canvas.source_format.upper()} header: {_short(exc)}") from None
+    if canvas.source_format not in ANIMATED_FORMATS:
+        # A multi-page TIFF is a document, not an animation (pages may differ in size): page 1 only.
+        frame_count = 1
     canvas.image = image
     canvas.source_size = image.size
     canvas.frame_count = frame_count

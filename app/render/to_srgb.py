@@ -42,8 +42,8 @@ def srgb_transform(profile: bytes | None, mode: str) -> ImageCms.ImageCmsTransfo
 
 
 def to_rgb(image: Image.Image, profile: bytes | None) -> Image.Image:
-    alpha = image.getchannel("A") if image.mode == "RGBA" else None
-    colour = image.convert("RGB") if image.mode == "RGBA" else image
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    colour = image.convert(image.mode[:-1]) if alpha is not None else image
     transform = srgb_transform(profile, colour.mode)
     if transform is not None:
         colour = ImageCms.applyTransform(colour, transform)

@@ -1,0 +1,59 @@
+"""encode: the AVIF quality map, metadata-free encoder arguments, the animated-WebP alpha flag."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from app.render.encode import AVIF_QUALITY_MAP, avif_quality, encoder_arguments, flag_webp_alpha
+
+
+def test_quality_map_covers_1_to_100_and_is_monotonic():
+    webp = [p[0] for p in AVIF_QUALITY_MAP]
+    avif = [p[1] for p in AVIF_QUALITY_MAP]
+    assert webp[0] == 1 and webp[-1] == 100
+    assert webp == sorted(set(webp)) and avif == sorted(avif)
+    mapped = [avif_quality(q) for q in range(1, 101)]
+    assert mapped == sorted(mapped) and all(1 <= v <= 100 for v in mapped)
+
+
+@pytest.mark.parametrize("q", [50, 75, 90])
+def test_measured_points_are_in_the_table(q):
+    assert avif_quality(q) == dict(AVIF_QUALITY_MAP)[q]
+
+
+def test_between_points_the_map_is_linear():
+    (x0, y0), (x1, y1) = AVIF_QUALITY_MAP[1], AVIF_QUALITY_MAP[2]
+    middle = (x0 + x1) // 2
+    assert avif_quality(middle) == round(y0 + (y1 - y0) * (middle - x0) / (x1 - x0))
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_encoder_arguments_carry_empty_metadata(fmt):
+    arguments = encoder_arguments(fmt, 75)
+    assert arguments["exif"] == arguments["xmp"] == arguments["icc_profile"] == b""
+
+
+def _animated_webp(alpha: int) -> bytes:
+    frames = [Image.new("RGBA", (8, 8), (255, 0, 0, alpha)), Image.new("RGBA", (8, 8), (0, 255, 0, alpha))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=[10, 10])
+    return buffer.getvalue()
+
+
+def test_alpha_flag_is_set_and_nothing_else_changes():
+    body = _animated_webp(255)  # opaque frames: libwebp leaves the flag unset
+    assert not body[20] & 0x10
+    flagged = flag_webp_alpha(body)
+    assert flagged[20] == body[20] | 0x10 and flagged[:20] == body[:20] and flagged[21:] == body[21:]
+    assert Image.open(io.BytesIO(flagged)).mode == "RGBA"
+
+
+def test_alpha_flag_already_set_or_no_vp8x_leaves_the_bytes_alone():
+    with_alpha = _animated_webp(100)
+    assert flag_webp_alpha(with_alpha) == with_alpha
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "WEBP")
+    assert flag_webp_alpha(buffer.getvalue()) == buffer.getvalue()
