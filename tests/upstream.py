@@ -10,6 +10,7 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
   /declared-large                Content-Length far over any cap
   /short                         Content-Length 1000, 10 bytes, then close
   /echo                          the request headers as JSON
+  /page/<name>                   an HTML page a test put in `Upstream.pages`
   /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
   /slow-first/<delay>/<path>     like slow-image for the first request of that path only
 Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fetch counts.
@@ -42,6 +43,7 @@ class Upstream:
         self.corpus = corpus_dir()
         self.hits: Counter[str] = Counter()
         self.headers_seen: list[dict[str, str]] = []
+        self.pages: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -158,6 +160,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"\xff\xd8\xff" + b"\0" * 7)
             self.close_connection = True
             return None
+        if match := re.fullmatch(r"/page/([A-Za-z0-9_.-]+)", path):
+            html = up.pages.get(match.group(1))
+            if html is None:
+                return self._send(404, b"no such page", "text/plain")
+            return self._send(200, html.encode(), "text/html; charset=utf-8")
         if path == "/echo":
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
         if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):

@@ -122,4 +122,47 @@ def test_format_auto_through_nginx_keeps_the_variants_apart(nginx_in_front, upst
     assert avif.headers["Vary"] == "Accept"
 
 
+def test_img_and_srcset_through_nginx_decode_in_chromium_and_auto_gives_avif(nginx_in_front, upstream, chromium):
+    edge, _ = nginx_in_front
+    source = quote(upstream.url("photos/paddleboat_3264x1836.jpg"), safe="")
+    base = f"{edge.base}/image?url={source}"
+    srcset = ", ".join(f"{base}&amp;w={w}&amp;format=auto {w}w" for w in (320, 640, 960, 1280))
+    upstream.pages["img.html"] = (f"""<!doctype html><meta charset="utf-8"><title>proxy images</title>
+<body style="margin:0">
+<img id="webp" src="{base}&amp;w=300&amp;format=webp" width="300">
+<img id="avif" src="{base}&amp;w=300&amp;format=avif" width="300">
+<img id="auto" src="{base}&amp;w=301&amp;format=auto" width="301">
+<img id="responsive" srcset="{srcset}" sizes="600px" width="600">
+</body>""")
+    tab = chromium.page()
+    tab.send("Network.enable")
+    tab.set_viewport(1280, 900)
+    tab.navigate(upstream.url("page/img.html"))
+    tab.wait_for("[...document.images].every(i => i.complete)", timeout=60)
+    widths = tab.evaluate("Object.fromEntries([...document.images].map(i => [i.id, i.naturalWidth]))")
+    # sizes=600px at DPR 1: the smallest candidate at least 600 px wide, the 640w one; its
+    # naturalWidth is density-corrected (640 px at 640/600 density reads as 600).
+    assert widths.pop("responsive") in (599, 600)
+    assert widths == {"webp": 300, "avif": 300, "auto": 301}
+    chosen = tab.evaluate("document.getElementById('responsive').currentSrc")
+    assert "w=640" in chosen
+    decoded = tab.evaluate(
+        "fetch(document.getElementById('responsive').currentSrc).then(r => r.blob())"
+        ".then(b => createImageBitmap(b)).then(i => i.width)"
+    )
+    assert decoded == 640
+    types = {
+        event["params"]["response"]["url"]: event["params"]["response"]["mimeType"]
+        for event in tab.events
+        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
+    }
+    auto_types = {mime for url, mime in types.items() if "format=auto" in url}
+    assert auto_types == {"image/avif"}, "Chromium's Accept names image/avif, so format=auto answers AVIF"
+    assert types[f"{edge.base}/image?url={source}&w=300&format=avif"] == "image/avif"
+    assert types[f"{edge.base}/image?url={source}&w=300&format=webp"] == "image/webp"
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    tab.screenshot(artifacts / "nginx-img-srcset.png", width=1280)
+
+
 assert os.path.exists(ROOT / "deploy" / "nginx.conf")
