@@ -128,3 +128,30 @@ def test_embedded_redis_runs_as_an_lru_cache_with_a_memory_cap(redis_server):
     assert config["maxmemory-policy"] == "allkeys-lru"
     assert int(config["maxmemory"]) > 0
     assert redis_module.Redis.from_url(redis_server.url).config_get("save")["save"] == ""
+
+
+def test_a_waiter_gives_up_after_the_request_budget_with_a_503_and_retry_after(settings, upstream):
+    app = create_app(settings.replace(request_budget=1.0, upstream_timeout=8.0))
+    path = image_path(upstream, f"slow-image/4/{PHOTO}", w=90)
+    holder = threading.Thread(target=lambda: app.test_client().get(path))
+    holder.start()
+    time.sleep(0.3)  # the holder now has the lock and is fetching
+    started = time.monotonic()
+    response = app.test_client().get(path)
+    waited = time.monotonic() - started
+    holder.join()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "rendering" in response.json["error"]
+    assert waited < 1.0 + 1.5, "the budget plus at most one wait step"
+
+
+def test_a_switched_off_input_format_is_refused_without_a_redeploy_of_code(settings, upstream):
+    app = create_app(settings.replace(input_formats=frozenset({"jpeg", "png", "gif", "webp"})))
+    client = app.test_client()
+    refused = client.get(image_path(upstream, "edge/still.avif"))
+    assert refused.status_code == 400
+    assert "IMAGE_PROXY_INPUT_FORMATS" in refused.json["error"]
+    assert client.get(image_path(upstream, "edge/plain.bmp")).status_code == 400
+    assert client.get(image_path(upstream, PHOTO, w=50)).status_code == 200
