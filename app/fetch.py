@@ -244,8 +244,9 @@ class Fetcher:
                 if sock is not None:
                     sock.settimeout(remaining)
                 # read1 returns what one recv brings, so a trickling body cannot stretch
-                # the deadline: it is checked between reads and bounds each read.
-                chunk = raw.read1(CHUNK)
+                # the deadline: it is checked between reads and bounds each read. A server
+                # that compresses anyway is decoded, and the byte cap counts decoded bytes.
+                chunk = raw.read1(CHUNK, decode_content=True)
                 if not chunk:
                     break
                 size += len(chunk)
@@ -257,7 +258,8 @@ class Fetcher:
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
             raise UpstreamFailed(f"upstream body broke off: {_reason(exc)}") from None
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and size < int(declared):
+        encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if declared.isdigit() and not encoded and size < int(declared):
             raise UpstreamFailed(f"upstream body ended after {size} of {declared} bytes")
         return b"".join(chunks)
 

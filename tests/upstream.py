@@ -10,6 +10,7 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
   /declared-large                Content-Length far over any cap
   /short                         Content-Length 1000, 10 bytes, then close
   /echo                          the request headers as JSON
+  /gzip/<path>                   /<path> gzip-compressed with Content-Encoding: gzip (unasked)
   /page/<name>                   an HTML page a test put in `Upstream.pages`
   /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
   /slow-first/<delay>/<path>     like slow-image for the first request of that path only
@@ -165,6 +166,11 @@ class _Handler(BaseHTTPRequestHandler):
             if html is None:
                 return self._send(404, b"no such page", "text/plain")
             return self._send(200, html.encode(), "text/html; charset=utf-8")
+        if match := re.fullmatch(r"/gzip/(photos|edge)/([A-Za-z0-9_.-]+)", path):
+            import gzip
+
+            body = gzip.compress((up.corpus / match.group(1) / match.group(2)).read_bytes())
+            return self._send(200, body, extra={"Content-Encoding": "gzip"})
         if path == "/echo":
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
         if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):

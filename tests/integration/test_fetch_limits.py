@@ -64,3 +64,9 @@ def test_a_sixth_redirect_is_refused(client, upstream):
     assert response.status_code == 502
     assert "redirect" in response.json["error"]
     assert upstream.hits["/photos/waterfall_1800x1200.jpg"] == 0
+
+
+def test_a_gzip_encoded_body_sent_unasked_is_decoded(client, upstream):
+    response = client.get(f"/image?url={quote(upstream.url('gzip/photos/waterfall_1800x1200.jpg'), safe='')}&w=60")
+    assert response.status_code == 200
+    assert upstream.headers_seen[0]["Accept-Encoding"] == "identity"
