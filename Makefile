@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fuzz bench chaos clean venv
+.PHONY: run test lint fuzz bench soak chaos clean venv
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 chaos: $(STAMP)
 	bash scripts/install-test-packages.sh

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from PIL import Image, ImageSequence
 
-from app.errors import BadSource
+from app.errors import BadSource, SourceTooLarge
 from app.render.canvas import Canvas, Frame, RenderOptions
 
 #: JPEG draft decodes at 1/2, 1/4 or 1/8 scale but stops at twice the target, and the
@@ -25,10 +25,10 @@ def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
         if drafted is not None:
             box = drafted[1]
     canvas.draft_box = box
-    canvas.frames = _frames(canvas, image)
+    canvas.frames = _frames(canvas, image, options.max_pixels)
 
 
-def _frames(canvas: Canvas, image: Image.Image) -> Iterator[Frame]:
+def _frames(canvas: Canvas, image: Image.Image, max_pixels: int) -> Iterator[Frame]:
     try:
         if not canvas.animated:
             image.load()
@@ -37,6 +37,12 @@ def _frames(canvas: Canvas, image: Image.Image) -> Iterator[Frame]:
         for index, frame in enumerate(ImageSequence.Iterator(image)):
             if index >= canvas.frame_count:
                 break
+            # A TIFF page or MPO picture has its own size, read by the seek; its pixels are
+            # allocated only by copy(), so a page larger than the first is refused here.
+            if frame.width * frame.height > max_pixels:
+                raise SourceTooLarge(
+                    f"frame {index + 1} is {frame.width}x{frame.height}, over the {max_pixels / 1e6:g} MP limit"
+                )
             # The sequence reuses one Image; each frame is copied before the next seek.
             yield Frame(frame.copy(), duration=round(float(frame.info.get("duration", 0) or 0)))
     except (BadSource, MemoryError):

@@ -8,6 +8,7 @@ from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadSource
 from app.render.canvas import Canvas, RenderOptions
+from app.render.gif_canvas import gif_canvas_size
 
 # Pillow's own bomb check would stop at its fixed limit with a warning or its own error;
 # check_pixels applies MAX_SOURCE_PIXELS from the header instead, before any decoding.
@@ -26,6 +27,12 @@ ANIMATED_FORMATS = frozenset({"gif", "png", "webp", "avif"})
 
 
 def open_source(canvas: Canvas, options: RenderOptions) -> None:
+    grown = gif_canvas_size(canvas.data) if canvas.source_format == "gif" else None
+    if grown is not None and grown[0] * grown[1] > options.max_pixels:
+        # Pillow would allocate the oversized first frame's disposal area inside open() itself;
+        # the size is enough for check_pixels to refuse it, so the file is not opened at all.
+        canvas.source_size = grown
+        return
     try:
         image = Image.open(io.BytesIO(canvas.data), formats=[PILLOW_FORMATS[canvas.source_format]])
         frame_count = int(getattr(image, "n_frames", 1) or 1)
@@ -39,6 +46,9 @@ def open_source(canvas: Canvas, options: RenderOptions) -> None:
         frame_count = 1
     canvas.image = image
     canvas.source_size = image.size
+    if grown is not None:
+        # Frames may overhang the logical screen, and Pillow grows the canvas to fit them.
+        canvas.source_size = (max(image.width, grown[0]), max(image.height, grown[1]))
     canvas.frame_count = frame_count
     if frame_count > 1 and getattr(image, "is_animated", False):
         canvas.loop = int(image.info.get("loop", 1 if canvas.source_format == "gif" else 0) or 0)

@@ -1,0 +1,83 @@
+"""`make soak`: is the service's memory flat over a long bounded run?
+
+Starts the service (gunicorn.conf.py defaults, embedded Redis) and a loopback upstream,
+then sends REQUESTS requests at concurrency 4: 60 % hits over 60 cached URLs, 40 % misses
+(fresh upstream URL; WebP at 640 and 320, AVIF at 320). The summed RSS of the whole tree
+(master, workers, embedded Redis) is sampled every 50 ms and recorded after each tenth of
+the run. Flat = the last tenth's RSS within 10 % of the RSS after the first tenth (warm-up:
+thread pools, connection pools and Redis filled).
+
+    python -m bench.soak [--requests 10000] [--conc 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.run import PHOTOS, Monitor, image_path, load, rss, tree
+from tests.conftest import ROOT, Gunicorn, free_port, gunicorn_env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--conc", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+
+    workdir = Path(tempfile.mkdtemp(prefix="image-proxy-soak-"))
+    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    assert upstream.stdout is not None
+    up = int(upstream.stdout.readline())
+    port = free_port()
+    server = Gunicorn(gunicorn_env(bind=f"127.0.0.1:{port}", allow_networks="127.0.0.0/8"), port,
+                      workdir / "gunicorn.log")
+    cached = [image_path(up, photo, w, "webp", 75, "soak") for photo in PHOTOS for w in range(100, 700, 100)][:60]
+    misses = [(640, "webp"), (320, "webp"), (320, "avif")]
+    plan = [
+        rng.choice(cached) if rng.random() < 0.6
+        else image_path(up, rng.choice(PHOTOS), *rng.choice(misses), 75, uuid.uuid4().hex)  # type: ignore[misc]
+        for _ in range(args.requests)
+    ]
+    rows = []
+    errors = 0
+    started = time.monotonic()
+    try:
+        server.start()
+        assert server.process is not None
+        load(port, cached, 2)  # prime the hits
+        tenth = max(1, len(plan) // 10)
+        with Monitor(server.process.pid) as monitor:
+            for index in range(0, len(plan), tenth):
+                seconds, _, _, failed = load(port, plan[index : index + tenth], args.conc)
+                errors += failed
+                now = sum(rss(pid) for pid in tree(server.process.pid))
+                rows.append((min(index + tenth, len(plan)), now, monitor.peak, len(plan[index : index + tenth]) / seconds))
+                print(f"# {index + tenth} requests, RSS {now / 2**20:.0f} MB", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+        upstream.terminate()
+        upstream.wait(10)
+    print("| requests done | tree RSS MB | peak so far MB | req/s in this tenth |")
+    print("|---|---|---|---|")
+    for done, now, peak, rate in rows:
+        print(f"| {done} | {now / 2**20:.0f} | {peak / 2**20:.0f} | {rate:.1f} |")
+    warm, last = rows[0][1], rows[-1][1]
+    drift = (last - warm) / warm * 100
+    print(f"\nafter warm-up {warm / 2**20:.0f} MB, at the end {last / 2**20:.0f} MB ({drift:+.1f} %), "
+          f"peak {rows[-1][2] / 2**20:.0f} MB; {errors} failed requests; {time.monotonic() - started:.0f} s")
+    print("flat (within 10 %)" if abs(drift) <= 10 else "NOT flat (over 10 %)")
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
