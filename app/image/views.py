@@ -49,7 +49,11 @@ def self_origins(bind: str) -> frozenset[str]:
     else:
         origins.update({f"{host}:80", f"{host}:443"})
     if not bind.startswith("unix:"):
-        origins.add(bind.lower())
+        bind_host, _, bind_port = bind.lower().rpartition(":")
+        origins.add(f"{bind_host}:{bind_port}")
+        if bind_host in ("0.0.0.0", "[::]"):
+            # Bound to every address: each loopback spelling reaches this service too.
+            origins.update(f"{name}:{bind_port}" for name in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0"))
     return frozenset(origins)
 
 

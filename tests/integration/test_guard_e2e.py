@@ -290,3 +290,12 @@ def test_loop_through_a_name_for_the_service_stops_after_one_hop(service, upstre
     else:
         assert response.status_code == 400  # localhost also names a refused address
     assert upstream.hits[f"/{PHOTO}"] == 0
+
+
+def test_a_url_at_the_loopback_address_of_a_service_bound_to_all_addresses_is_a_loop(settings, upstream):
+    from app import create_app
+
+    app = create_app(settings.replace(bind="0.0.0.0:8765"))
+    response = app.test_client().get("/image?url=http%3A%2F%2F127.0.0.1%3A8765%2Fimage%3Furl%3Dx")
+    assert response.status_code == 400
+    assert "this service" in response.json["error"]
