@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from app.render.encode import AVIF_QUALITY_MAP, avif_quality, encoder_arguments, flag_webp_alpha
+from app.render.encode import AVIF_QUALITY_MAP, avif_quality, encoder_arguments, flag_webp_alpha, svt_can_encode
 
 
 def test_quality_map_covers_1_to_100_and_is_monotonic():
@@ -57,3 +57,28 @@ def test_alpha_flag_already_set_or_no_vp8x_leaves_the_bytes_alone():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "WEBP")
     assert flag_webp_alpha(buffer.getvalue()) == buffer.getvalue()
+
+
+# -- SVT-AV1's size limits: aom takes the sizes SVT 4.1 hangs on or refuses -----------------
+
+
+@pytest.mark.parametrize(
+    ("size", "svt"),
+    [((640, 427), True), ((64, 64), True), ((63, 500), False), ((20, 1000), False), ((1000, 17), False),
+     ((16385, 100), False), ((100, 8705), False), ((16384, 8704), True)],
+    ids=lambda v: str(v),
+)
+def test_svt_is_used_only_for_sizes_it_can_encode(size, svt):
+    assert svt_can_encode(*size) is svt
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [(20, 1000), (1000, 20), (17, 300), (300, 24), (5000, 17)], ids=str)
+def test_thin_images_encode_to_avif_without_hanging(size):
+    from app.render import RenderOptions, render
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    out = render(buffer.getvalue(), RenderOptions(width=0, quality=75, format="avif"))
+    assert (out.width, out.height) == size
+    assert Image.open(io.BytesIO(out.body)).size == size
