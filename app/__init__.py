@@ -79,6 +79,13 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
 
 
 def _configure_logging() -> None:
+    # One access-log line per request is on the hit path: skip the caller lookup (a stack
+    # walk per record) and the thread/process names no format here uses (logging HOWTO,
+    # "Optimization").
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
     logger = logging.getLogger("image_proxy")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -14,6 +14,8 @@ from app.image.params import ImageRequest
 from app.image.serve import Served
 
 access_log = logging.getLogger("image_proxy.access")
+#: Children resolved once: labels() takes a lock and builds a key on every call.
+_CACHE_RESULTS = {status: metrics.CACHE.labels(status.lower()) for status in ("HIT", "MISS", "BYPASS")}
 
 
 def start_request() -> None:
@@ -63,7 +65,7 @@ def _count(endpoint: str, response: Response, served: Served | None, image_reque
         metrics.ERRORS.labels(g.error_kind).inc()
     if served is None or image_request is None:
         return
-    metrics.CACHE.labels(served.cache_status.lower()).inc()
+    _CACHE_RESULTS[served.cache_status].inc()
     if not served.entry.ok:
         metrics.ERRORS.labels(served.entry.kind).inc()
     timings = served.timings

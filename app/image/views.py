@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from app.errors import LoopDetected
 from app.guard import URLPolicy
 from app.image.params import ImageRequest, parse_request
-from app.image.serve import ImageService, Served
+from app.image.serve import Served
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
 
 bp = Blueprint("image", __name__)
@@ -19,23 +19,19 @@ bp = Blueprint("image", __name__)
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 
 
-def _service() -> ImageService:
-    return current_app.extensions["image_proxy"].service
-
-
 @bp.route("/image", methods=["GET", "HEAD"], provide_automatic_options=False)
 def image() -> Response:
-    settings = current_app.extensions["image_proxy"].settings
-    token = settings.via_token.lower()
-    for via in request.headers.getlist("Via"):
-        if token in via.lower():
-            raise LoopDetected("this request already passed through this service (Via header); refusing a loop")
+    services = current_app.extensions["image_proxy"]
+    settings = services.settings
+    # WSGI joins repeated Via headers into one value, so one environ lookup sees them all.
+    if settings.via_token.lower() in request.environ.get("HTTP_VIA", "").lower():
+        raise LoopDetected("this request already passed through this service (Via header); refusing a loop")
     url_policy = URLPolicy(allowed_hosts=settings.allowed_hosts, self_origins=self_origins(settings.bind))
     image_request = parse_request(
         request.args.to_dict(flat=False), request.headers.get("Accept", ""), settings, url_policy
     )
     g.image_request = image_request
-    served = _service().serve(image_request, url_policy)
+    served = services.service.serve(image_request, url_policy)
     g.served = served
     return image_response(served, image_request)
 
@@ -61,20 +57,22 @@ def image_response(served: Served, image_request: ImageRequest) -> Response:
     entry = served.entry
     if not entry.ok:
         response = error_response(entry.status, entry.error, retry_after=entry.retry_after)
-    elif entry.etag and request.if_none_match.contains_weak(entry.etag.strip('"')):
-        response = Response(status=304)
-    else:
-        response = Response(entry.body, status=200, content_type=entry.content_type)
-        response.headers["Content-Disposition"] = content_disposition(image_request)
-    if entry.ok:
-        response.headers["Cache-Control"] = CACHE_CONTROL
-        response.headers["ETag"] = entry.etag
-        response.headers.update(source_headers(entry.meta))
+        response.headers.update(_common_headers(served, image_request))
+        return response
+    # One header list for the constructor: Headers.update() searches the list once per name.
+    headers = [("Cache-Control", CACHE_CONTROL), ("ETag", entry.etag), *source_headers(entry.meta).items(),
+               *_common_headers(served, image_request)]
+    if entry.etag and request.if_none_match.contains_weak(entry.etag.strip('"')):
+        return Response(status=304, headers=headers)
+    headers.append(("Content-Disposition", content_disposition(image_request)))
+    return Response(entry.body, status=200, content_type=entry.content_type, headers=headers)
+
+
+def _common_headers(served: Served, image_request: ImageRequest) -> list[tuple[str, str]]:
+    headers = [("X-Cache", served.cache_status), *IMAGE_SECURITY_HEADERS.items()]
     if image_request.negotiated:
-        response.headers["Vary"] = "Accept"
-    response.headers["X-Cache"] = served.cache_status
-    response.headers.update(IMAGE_SECURITY_HEADERS)
-    return response
+        headers.append(("Vary", "Accept"))
+    return headers
 
 
 #: The source as the proxy fetched it, read from the entry's meta (no extra Redis call), so

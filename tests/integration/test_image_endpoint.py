@@ -230,3 +230,10 @@ def test_nothing_from_the_client_is_forwarded_upstream(client, upstream):
     assert lowered["via"] == "1.1 image-proxy"
     assert lowered["user-agent"].startswith("image-proxy/")
     assert "secret" not in repr(seen)
+
+
+@pytest.mark.parametrize("path", [PHOTO, "status/404", "edge/random.bin"])
+def test_no_header_is_sent_twice(client, upstream, path):
+    for response in (client.get(image_url(upstream, path, w=50)), client.get(image_url(upstream, path, w=50))):
+        names = [name.lower() for name, _ in response.headers]
+        assert len(names) == len(set(names)), names
