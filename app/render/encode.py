@@ -46,11 +46,11 @@ WEBP_METHOD, AVIF_SPEED, AVIF_CODEC = ENCODER.webp_method, ENCODER.avif_speed, E
 #: 50..95 are measured; 1 and 100 are the ends of the scale, not measurements.
 AVIF_QUALITY_MAP: tuple[tuple[int, int], ...] = (
     (1, 1),
-    (50, 51),
-    (65, 56),
-    (75, 60),
-    (85, 73),
-    (90, 83),
+    (50, 49),
+    (65, 54),
+    (75, 57),
+    (85, 74),
+    (90, 82),
     (95, 90),
     (100, 100),
 )
