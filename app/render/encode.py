@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ class EncoderSettings:
     # oversubscribe a many-core machine that already runs one render per core.
     avif_max_threads: int | None = 2
 
+
+# SVT-AV1 prints ~25 lines of banner and config to stderr for every image it encodes, which
+# would bury the access log; SVT_LOG=1 keeps its errors. Read at each encoder start.
+os.environ.setdefault("SVT_LOG", "1")
 
 ENCODER = EncoderSettings()
 
