@@ -28,6 +28,8 @@ _MAGIC = b"IPC1"
 #: Waiters block on the lock's signal for at most this long between looks at the entry
 #: and at their deadline; also bounds how soon a waiter notices a dead holder's expiry.
 WAIT_STEP_S = 1
+#: A wake-up nobody takes lapses quickly, as python-redis-lock's own (signal_expire=1000).
+SIGNAL_EXPIRE_MS = 1000
 
 
 class CacheUnavailable(Exception):
@@ -198,19 +200,29 @@ class Cache:
     def _acquire_or_entry(self, lock: redis_lock.Lock, key: str, deadline: float) -> CacheEntry | None:
         if lock.acquire(blocking=False):
             return None
+        # Waiters block on the lock's own signal list, which its release pushes to, but do
+        # not take the lock just to read the entry: a woken waiter that finds the entry
+        # passes the wake-up on to two more and returns, so 31 waiters wake in about five
+        # Redis round trips instead of a chain of 31 acquire/release pairs.
+        signal = f"lock-signal:{lock_name(key)}"  # python-redis-lock 4.0's signal key
         while True:
             if time.monotonic() >= deadline:
                 raise LockWaitTimeout("waited too long for another request's render")
-            if lock.acquire(blocking=True, timeout=WAIT_STEP_S):
-                # Acquired after waiting: the holder has usually stored its result.
-                entry = self.get(key)
-                if entry is None:
-                    return None
-                self._release(lock)
-                return entry
+            woken = self.wait_client.blpop([signal], timeout=WAIT_STEP_S)
             entry = self.get(key)
             if entry is not None:
+                if woken:
+                    self._wake_two(signal)
                 return entry
+            # No entry: the holder failed without storing, died, or is still at work.
+            if lock.acquire(blocking=False):
+                return None
+
+    def _wake_two(self, signal: str) -> None:
+        pipe = self.wait_client.pipeline(transaction=False)
+        pipe.lpush(signal, 1, 1)
+        pipe.pexpire(signal, SIGNAL_EXPIRE_MS)
+        pipe.execute()
 
     def _release(self, lock: redis_lock.Lock) -> None:
         try:
