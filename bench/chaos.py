@@ -331,7 +331,7 @@ def leaks(env: Env) -> list[Row]:
     before = resources()
     results = run(150)
     after = resources()
-    return [Row("no leaks", "1,050 mixed requests (+150 hang-ups)", len(results),
+    return [Row("no leaks", "900 mixed requests (+150 hang-ups)", len(results),
                 sum(1 for s, _, _ in results if s == 500 or s < 0), [t for _, t, _ in results],
                 notes=f"worker fds {before[0]} -> {after[0]}, threads {before[1]} -> {after[1]}")]
 
