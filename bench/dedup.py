@@ -13,17 +13,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from bench.run import image_path
-from tests.conftest import ROOT, Gunicorn, free_port, gunicorn_env
+from bench.run import image_path, upstream_and_service
 
 
 def one_round(port: int, path: str, clients: int) -> list[tuple[float, str]]:
@@ -49,29 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=32)
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="image-proxy-dedup-"))
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    assert upstream.stdout is not None
-    up = int(upstream.stdout.readline())
-    port = free_port()
-    server = Gunicorn(gunicorn_env(bind=f"127.0.0.1:{port}", allow_networks="127.0.0.0/8"), port,
-                      workdir / "gunicorn.log")
     gaps: list[float] = []
     misses: list[int] = []
-    try:
-        server.start()
+    with upstream_and_service("image-proxy-dedup-") as (server, up, _):
         for _ in range(args.rounds):
-            results = one_round(port, image_path(up, "panda_3872x2592.jpg", 640, "webp", 75, uuid.uuid4().hex),
-                                args.clients)
+            path = image_path(up, "panda_3872x2592.jpg", 640, "webp", 75, uuid.uuid4().hex)
+            results = one_round(server.port, path, args.clients)
             rendered = [ended for ended, cache in results if cache == "MISS"]
             misses.append(len(rendered))
             if len(rendered) == 1:
                 gaps.extend(ended - rendered[0] for ended, cache in results if cache == "HIT")
-    finally:
-        server.stop()
-        upstream.terminate()
-        upstream.wait(10)
     gaps_ms = sorted(g * 1000 for g in gaps)
     print(f"{args.rounds} rounds x {args.clients} identical misses; renders per round: {misses}")
     if gaps_ms:

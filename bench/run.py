@@ -31,7 +31,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -278,6 +280,32 @@ def start_bare(redis_url: str, key: str, workdir: Path) -> subprocess.Popen[byte
     raise RuntimeError("bare app did not start")
 
 
+def hit_path_with_wrk(server: Gunicorn, upstream_port: int, q: int, workdir: Path) -> list[Result]:
+    """wrk on one cached URL, against the service and a bare view serving the same bytes
+    from the same Redis."""
+    hit = image_path(upstream_port, "panda_3872x2592.jpg", 640, "webp", q, "wrk")
+    load(server.port, [hit], 1)
+    redis_url = _service_redis_url(server)
+    key = _entry_key_for(upstream_port, "panda_3872x2592.jpg", q)
+    bare = start_bare(redis_url, key, workdir) if redis_url else None
+    results = []
+    try:
+        for conc in (1, 4):
+            ours = run_wrk(server.port, hit, conc)
+            if ours:
+                ours.target = "ours (/image hit)"
+                results.append(ours)
+            floor = run_wrk(bare.port, "/bare", conc) if bare is not None else None  # type: ignore[attr-defined]
+            if floor:
+                floor.target = "bare Flask + Redis GET"
+                results.append(floor)
+    finally:
+        if bare is not None:
+            bare.terminate()
+            bare.wait(10)
+    return results
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -301,6 +329,30 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+@contextmanager
+def upstream_and_service(prefix: str) -> Iterator[tuple[Gunicorn, int, Path]]:
+    """A loopback upstream in its own process and the service (gunicorn.conf.py defaults,
+    embedded Redis); yields (server, upstream port, work dir) and stops both by PID."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert upstream.stdout is not None
+        upstream_port = int(upstream.stdout.readline())
+        port = free_port()
+        server = Gunicorn(gunicorn_env(bind=f"127.0.0.1:{port}", allow_networks="127.0.0.0/8"), port,
+                          workdir / "gunicorn.log")
+        try:
+            server.start()
+            yield server, upstream_port, workdir
+        finally:
+            server.stop()
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="w=640 only, one round, c1 and c4 (~1 min)")
@@ -318,19 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     formats = args.formats.split(",")
     concs = [int(c) for c in args.conc.split(",")]
 
-    workdir = Path(tempfile.mkdtemp(prefix="image-proxy-bench-"))
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    assert upstream.stdout is not None
-    upstream_port = int(upstream.stdout.readline())
-    port = free_port()
-    server = Gunicorn(gunicorn_env(bind=f"127.0.0.1:{port}", allow_networks="127.0.0.0/8"), port,
-                      workdir / "gunicorn.log")
     results: list[Result] = []
-    bare = None
     started = time.monotonic()
-    try:
-        server.start()
+    with upstream_and_service("image-proxy-bench-") as (server, upstream_port, workdir):
         for w in widths:
             for fmt in formats:
                 for conc in concs:
@@ -339,31 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(run_service(server, upstream_port, w, fmt, args.q, conc, args.rounds, "miss"))
                     results.append(run_service(server, upstream_port, w, fmt, args.q, conc, args.rounds, "hit"))
                     print(f"# w={w} {fmt} c{conc} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
-        # The hit path with wrk, against a bare view serving the same bytes from the same Redis.
-        hit = image_path(upstream_port, "panda_3872x2592.jpg", 640, "webp", args.q, "wrk")
-        load(port, [hit], 1)
-        redis_url = _service_redis_url(server)
-        key = _entry_key_for(upstream_port, "panda_3872x2592.jpg", args.q)
-        if redis_url:
-            bare = start_bare(redis_url, key, workdir)
-        for conc in (1, 4):
-            ours = run_wrk(port, hit, conc)
-            if ours:
-                ours.target = "ours (/image hit)"
-                results.append(ours)
-            if bare is not None:
-                floor = run_wrk(bare.port, "/bare", conc)  # type: ignore[attr-defined]
-                if floor:
-                    floor.target = "bare Flask + Redis GET"
-                    results.append(floor)
-    finally:
-        server.stop()
-        if bare is not None:
-            bare.terminate()
-            bare.wait(10)
-        upstream.terminate()
-        upstream.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        results.extend(hit_path_with_wrk(server, upstream_port, args.q, workdir))
     report = table(results)
     print(report)
     print(f"\nq={args.q}, rounds={args.rounds}, {len(PHOTOS)} photos, {os.cpu_count()} cores, "

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from bench.run import PHOTOS, Monitor, image_path, load, rss, tree
-from tests.conftest import ROOT, Gunicorn, free_port, gunicorn_env
+from bench.run import PHOTOS, Monitor, image_path, load, rss, tree, upstream_and_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,32 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
-    workdir = Path(tempfile.mkdtemp(prefix="image-proxy-soak-"))
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.upstream"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    assert upstream.stdout is not None
-    up = int(upstream.stdout.readline())
-    port = free_port()
-    server = Gunicorn(gunicorn_env(bind=f"127.0.0.1:{port}", allow_networks="127.0.0.0/8"), port,
-                      workdir / "gunicorn.log")
-    cached = [image_path(up, photo, w, "webp", 75, "soak") for photo in PHOTOS for w in range(100, 700, 100)][:60]
-    misses = [(640, "webp"), (320, "webp"), (320, "avif")]
-    plan = [
-        rng.choice(cached) if rng.random() < 0.6
-        else image_path(up, rng.choice(PHOTOS), *rng.choice(misses), 75, uuid.uuid4().hex)  # type: ignore[misc]
-        for _ in range(args.requests)
-    ]
     rows = []
     errors = 0
     started = time.monotonic()
-    try:
-        server.start()
+    misses = [(640, "webp"), (320, "webp"), (320, "avif")]
+    with upstream_and_service("image-proxy-soak-") as (server, up, _):
         assert server.process is not None
-        load(port, cached, 2)  # prime the hits
+        cached = [image_path(up, photo, w, "webp", 75, "soak") for photo in PHOTOS for w in range(100, 700, 100)][:60]
+        plan = [
+            rng.choice(cached) if rng.random() < 0.6
+            else image_path(up, rng.choice(PHOTOS), *rng.choice(misses), 75, uuid.uuid4().hex)  # type: ignore[misc]
+            for _ in range(args.requests)
+        ]
+        load(server.port, cached, 2)  # prime the hits
         tenth = max(1, len(plan) // 10)
         with Monitor(server.process.pid) as monitor:
             for index in range(0, len(plan), tenth):
-                seconds, _, _, failed = load(port, plan[index : index + tenth], args.conc)
+                seconds, _, _, failed = load(server.port, plan[index : index + tenth], args.conc)
                 errors += failed
                 pids = tree(server.process.pid)
                 redis_pids = [pid for pid in pids if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -70,10 +58,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((done, service, cache, monitor.peak, len(plan[index : index + tenth]) / seconds))
                 print(f"# {done} requests, gunicorn {service / 2**20:.0f} MB, redis {cache / 2**20:.0f} MB",
                       file=sys.stderr, flush=True)
-    finally:
-        server.stop()
-        upstream.terminate()
-        upstream.wait(10)
     print("| requests done | gunicorn RSS MB | embedded Redis RSS MB | tree peak so far MB | req/s in this tenth |")
     print("|---|---|---|---|---|")
     for done, service, cache, peak, rate in rows:
