@@ -101,5 +101,3 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return True
 
-
-assert os.path.exists(ROOT / "gunicorn.conf.py")

@@ -144,7 +144,6 @@ def test_redis_cluster_caches_and_dedups_with_hash_tagged_keys(cluster, settings
     client = RedisCluster.from_url(cluster.url)
     keys = [entry_key("abc"), "lock:" + lock_name("abc"), "lock-signal:" + lock_name("abc")]
     assert len({client.keyslot(key) for key in keys}) == 1
-    stored = [key for node_keys in client.scan_iter(match="ip:*", target_nodes=RedisCluster.ALL_NODES)
-              for key in [node_keys]]
+    stored = list(client.scan_iter(match="ip:*", target_nodes=RedisCluster.ALL_NODES))
     assert len(stored) == 1
     client.close()
