@@ -103,18 +103,6 @@ def hit_loop(url: str, until: Callable[[], bool], limit: int = 2000, pause: floa
     return results
 
 
-def workers_of(master: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == master and b"redis-server" not in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-    return found
-
-
 # -- scenarios ---------------------------------------------------------------------------
 
 
@@ -167,11 +155,11 @@ def hup(env: Env) -> list[Row]:
         thread.start()
     time.sleep(3)
     assert server.process is not None
-    old = set(workers_of(server.process.pid))
+    old = set(server.workers())
     os.kill(server.process.pid, signal.SIGHUP)
     for thread in threads:
         thread.join()
-    replaced = not (set(workers_of(server.process.pid)) & old)
+    replaced = not (set(server.workers()) & old)
     kept = timed_get(cached)[2] == "HIT"
     return [Row("HUP reload", "c8 hits+misses for 10 s, HUP at 3 s", len(results),
                 sum(1 for s, _, _ in results if s not in (200, 304)), [t for _, t, _ in results],
@@ -213,7 +201,7 @@ def holder_killed(env: Env, redis_server: EmbeddedRedis) -> list[Row]:
         time.sleep(0.5)
         assert holder.process is not None
         killed = time.monotonic()
-        for pid in workers_of(holder.process.pid):
+        for pid in holder.workers():
             os.kill(pid, signal.SIGKILL)
         results = [f.result() for f in futures]
     finished = time.monotonic() - killed
@@ -299,7 +287,7 @@ def leaks(env: Env) -> list[Row]:
     """A bounded mixed run: hits, misses, upstream errors, bad input, clients that hang up."""
     server = env.gunicorn(workers="1")
     assert server.process is not None
-    (worker,) = workers_of(server.process.pid)
+    (worker,) = server.workers()
     mixed = [
         env.url(server, "photos/saw_2725x2225.jpg", w=120),
         env.url(server, "status/500"),

@@ -39,6 +39,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tests.conftest import ROOT, Gunicorn, free_port, gunicorn_env
+from tests.processes import redis_socket, tree
 from tests.upstream import corpus_dir
 
 PHOTOS = sorted(p.name for p in (corpus_dir() / "photos").iterdir() if p.suffix in (".jpg", ".png"))
@@ -69,23 +70,6 @@ class Result:
 
 
 # -- process-tree sampling ------------------------------------------------------------------
-
-
-def tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def rss(pid: int) -> int:
@@ -395,14 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _service_redis_url(server: Gunicorn) -> str | None:
-    assert server.process is not None
-    for pid in tree(server.process.pid):
-        try:
-            if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return "unix://" + os.path.join(os.readlink(f"/proc/{pid}/cwd"), "redis.sock")
-        except OSError:
-            continue
-    return None
+    pid = server.embedded_redis_pid()
+    return f"unix://{redis_socket(pid)}" if pid else None
 
 
 def _entry_key_for(upstream_port: int, photo: str, q: int) -> str:

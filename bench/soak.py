@@ -19,9 +19,9 @@ import random
 import sys
 import time
 import uuid
-from pathlib import Path
 
-from bench.run import PHOTOS, Monitor, image_path, load, rss, tree, upstream_and_service
+from bench.run import PHOTOS, Monitor, image_path, load, rss, upstream_and_service
+from tests.processes import is_redis, tree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, _, _, failed = load(server.port, plan[index : index + tenth], args.conc)
                 errors += failed
                 pids = tree(server.process.pid)
-                redis_pids = [pid for pid in pids if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                redis_pids = [pid for pid in pids if is_redis(pid)]
                 service = sum(rss(pid) for pid in pids if pid not in redis_pids)
                 cache = sum(rss(pid) for pid in redis_pids)
                 done = min(index + tenth, len(plan))

@@ -19,6 +19,7 @@ import requests
 from app import create_app
 from app.embedded_redis import EmbeddedRedis, start_embedded_redis
 from app.settings import Settings
+from tests import processes
 from tests.upstream import Upstream, corpus_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,14 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def workers(self) -> list[int]:
+        assert self.process is not None
+        return [pid for pid in processes.children(self.process.pid) if not processes.is_redis(pid)]
+
+    def embedded_redis_pid(self) -> int | None:
+        assert self.process is not None
+        return next((pid for pid in processes.children(self.process.pid) if processes.is_redis(pid)), None)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None:

@@ -104,6 +104,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_cut_short(self, declared: int, body: bytes) -> None:
+        """Promise `declared` bytes, send `body`, hang up."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(declared))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
     def _route(self, path: str, query: dict[str, list[str]]) -> None:
         up = self.upstream
         if match := re.fullmatch(r"/(photos|edge)/([A-Za-z0-9_.-]+)", path):
@@ -146,21 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         if path == "/declared-large":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(10**12))
-            self.end_headers()
-            self.wfile.write(b"\xff\xd8\xff")
-            self.close_connection = True
-            return None
+            return self._send_cut_short(10**12, b"\xff\xd8\xff")
         if path == "/short":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"\xff\xd8\xff" + b"\0" * 7)
-            self.close_connection = True
-            return None
+            return self._send_cut_short(1000, b"\xff\xd8\xff" + b"\0" * 7)
         if match := re.fullmatch(r"/page/([A-Za-z0-9_.-]+)", path):
             html = up.pages.get(match.group(1))
             if html is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from tests import processes
 from tests.conftest import ROOT, gunicorn_env
 
 pytestmark = pytest.mark.e2e
@@ -47,10 +47,9 @@ def test_embedded_redis_belongs_to_the_master_and_stops_with_it(start_gunicorn, 
     url = f"{server.base}/image?url={quote(upstream.url(PHOTO), safe='')}&w=100"
     assert requests.get(url, timeout=30).headers["X-Cache"] == "MISS"
     assert requests.get(url, timeout=30).headers["X-Cache"] == "HIT"  # shared across workers
-    children = _children(server.process.pid)
-    redis_pids = [pid for pid in children if "redis-server" in _cmdline(pid)]
+    redis_pids = [pid for pid in processes.children(server.process.pid) if processes.is_redis(pid)]
     assert len(redis_pids) == 1
-    socket_dir = Path(_socket_of(redis_pids[0])).parent
+    socket_dir = Path(processes.redis_socket(redis_pids[0])).parent
     assert socket_dir.exists()
     assert server.stop() == 0
     time.sleep(0.2)
@@ -76,23 +75,6 @@ def test_readme_curl_example_works_on_a_started_service(start_gunicorn, upstream
     )
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "image/avif"
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _socket_of(pid: int) -> str:
-    # redis-server rewrites its command line; its --dir (the private directory) is its cwd.
-    return os.path.join(os.readlink(f"/proc/{pid}/cwd"), "redis.sock")
 
 
 def _is_zombie(pid: int) -> bool:

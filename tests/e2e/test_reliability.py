@@ -31,21 +31,6 @@ def image(server, upstream, path: str, **params: object) -> str:
     return f"{server.base}/image?url={quote(upstream.url(path), safe='')}{extra}"
 
 
-def worker_pids(master_pid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master_pid and "redis-server" not in (entry / "cmdline").read_bytes().decode(
-                errors="replace"
-            ):
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_misses_past_the_queue_get_an_immediate_503_and_hits_keep_flowing(start_gunicorn, upstream):
     server = start_gunicorn(workers="1", threads="8", max_queue="4", render_slots="1")
     hit_url = image(server, upstream, PHOTO, w=50)
@@ -87,7 +72,7 @@ def test_hup_reload_under_load_loses_no_request_and_keeps_the_embedded_cache(sta
     server = start_gunicorn(workers="2")
     cached = image(server, upstream, PHOTO, w=80)
     assert requests.get(cached, timeout=30).headers["X-Cache"] == "MISS"
-    old_workers = set(worker_pids(server.process.pid))
+    old_workers = set(server.workers())
     stop = time.monotonic() + 4.0
     failures: list[str] = []
     statuses: list[int] = []
@@ -113,7 +98,7 @@ def test_hup_reload_under_load_loses_no_request_and_keeps_the_embedded_cache(sta
         thread.join()
     assert failures == []
     assert statuses and set(statuses) == {200}
-    new_workers = set(worker_pids(server.process.pid))
+    new_workers = set(server.workers())
     assert new_workers and not (new_workers & old_workers), "HUP replaced the workers"
     assert requests.get(cached, timeout=30).headers["X-Cache"] == "HIT", "the embedded Redis kept its data"
 
@@ -161,7 +146,7 @@ def test_lock_holder_killed_mid_render_is_taken_over_after_the_lock_expires(star
     thread.start()
     time.sleep(0.5)
     killed = time.monotonic()
-    for pid in worker_pids(holder.process.pid):
+    for pid in holder.workers():
         os.kill(pid, signal.SIGKILL)
     thread.join(30)
     assert result["status"] == 200
@@ -286,7 +271,7 @@ def test_no_leaks_over_a_bounded_mixed_run(start_gunicorn, upstream):
                 response.raw.read(10)
         return statuses
 
-    (worker,) = worker_pids(server.process.pid)
+    (worker,) = server.workers()
     run(10)  # warm: thread pool and connection pools filled
     before = _resources(worker)
     statuses = run(30)

@@ -1,0 +1,52 @@
+"""Process trees read from /proc: a server's children, its workers, its embedded Redis.
+
+Shared by the end-to-end tests and the benchmarks, which signal and measure only processes
+they started, found by parent PID (never by name).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def children(pid: int) -> list[int]:
+    return [child for child in _pids() if _ppid(child) == pid]
+
+
+def tree(root: int) -> list[int]:
+    """root and all its descendants."""
+    by_parent: dict[int, list[int]] = {}
+    for pid in _pids():
+        parent = _ppid(pid)
+        if parent is not None:
+            by_parent.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(by_parent.get(pid, []))
+    return found
+
+
+def is_redis(pid: int) -> bool:
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def redis_socket(pid: int) -> str:
+    # redis-server rewrites its command line; its --dir (the private directory) is its cwd.
+    return os.path.join(os.readlink(f"/proc/{pid}/cwd"), "redis.sock")
