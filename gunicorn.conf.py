@@ -4,13 +4,13 @@ Every value comes from the IMAGE_PROXY_* settings (app/settings.py), so a bad va
 stops the master before any worker starts, with a message naming it. gunicorn's own
 GUNICORN_CMD_ARGS and command-line flags still override anything here.
 
-Why gthread with 2 workers x 32 threads on 2 cores: renders are CPU-bound and Pillow
+Why gthread with 2 workers x 64 threads on 2 cores: renders are CPU-bound and Pillow
 releases the GIL while decoding, resizing and encoding, so two processes fill two cores and
-RENDER_SLOTS=2 renders per worker keep both busy while one of them fetches. Misses in flight
-(fetching, waiting for a render slot or for another request's render) are capped at
-MAX_QUEUE=24 per worker, answered with an immediate 503 beyond it, so 8 threads per worker
-are always free for cache hits, which take one Redis GET: hits never queue behind misses,
-even when every upstream trickles. Threads are cheap here (a parked thread is a few KB of RSS).
+RENDER_SLOTS=2 renders per worker keep both busy while one of them fetches. Misses that
+fetch or render are capped at MAX_QUEUE (THREADS - THREADS/8 = 56 by default) per worker
+and shed by time (app/image/admission.py), so an eighth of the threads is always free for
+cache hits, which take one Redis GET. Dedup waiters hold a thread but no miss place.
+Threads are cheap here (a parked thread is a few KB of RSS).
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ bind = [_settings.bind]
 workers = _settings.workers
 threads = _settings.threads
 worker_class = "gthread"
-# Above the longest request: upstream deadline plus waiting for a render.
-timeout = int(_settings.upstream_timeout + _settings.request_budget + 10)
-graceful_timeout = 30
+# The request budget bounds every request (fetch, waits, render), so a worker that stays
+# silent past it plus a margin is stuck; HUP and TERM let every in-flight request finish.
+timeout = int(_settings.request_budget + 30)
+graceful_timeout = _settings.graceful_seconds
 keepalive = 5
 # A 2048-character source URL, percent-encoded, plus the other parameters.
 limit_request_line = 8190
@@ -79,7 +80,23 @@ capture_output = True
 # machine (a blue/green deploy, the two-instance test) would fight over; nothing here uses it.
 control_socket_disable = True
 
+def _effective_settings(server: object) -> None:
+    """gunicorn's own flags (GUNICORN_CMD_ARGS, the command line) may change the thread or
+    worker count after this file set them: check the settings again with the counts the
+    workers will really have, and pass those to the workers, so derived values (misses in
+    flight per worker) follow them."""
+    cfg = server.cfg  # type: ignore[attr-defined]
+    effective = {"IMAGE_PROXY_THREADS": str(cfg.threads), "IMAGE_PROXY_WORKERS": str(cfg.workers)}
+    try:
+        Settings.from_env({**os.environ, **effective})
+    except SettingsError as exc:
+        sys.stderr.write(f"image-proxy: with gunicorn's --threads {cfg.threads} --workers {cfg.workers}: {exc}\n")
+        sys.exit(2)
+    os.environ.update(effective)
+
+
 def on_starting(server: object) -> None:
+    _effective_settings(server)
     if _settings.redis_url is None:
         redis_server = embedded_redis.start_owned(_settings.redis_maxmemory)
         # Workers fork from this master and read their settings from the environment.

@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
         make_client(settings.redis_url, timeout=settings.redis_timeout + 2, cluster=settings.redis_cluster),
         ttl=settings.cache_ttl,
         error_ttl=settings.error_ttl,
-        lock_expire=settings.lock_expire,
+        lock_expire=settings.lock_seconds,
         max_entry_bytes=settings.max_cache_entry_bytes,
         cluster=settings.redis_cluster,
     )

@@ -1,13 +1,26 @@
-"""Rendered images and failures in Redis, and the per-key render lock: the only Redis code.
+"""Rendered images and failures in Redis, and the per-key render claim: the only Redis code.
 
-A hit is one GET. A miss takes python-redis-lock's Lock on the key (expiring, renewed while
-held); waiters block on the lock's signal list and, once they hold it or it is released,
-read the stored entry: python-redis-lock's own anti-stampede recipe. Any Redis failure
+A hit is one GET. A miss claims the key (`Cache.claim`): python-redis-lock's Lock, expiring
+and renewed while held. Dedup is exactly-once by construction:
+
+- whoever takes the lock reads the entry again before it renders, so a request that missed
+  just before the holder stored and got the lock just after it released finds the entry;
+- the holder ends with one script (`FINISH`) that stores the result (an error never replaces
+  a stored image, and a holder that lost its lock never replaces anything), drops the lock
+  and wakes every waiter counted so far with one token each, saying where the answer is:
+  `stored` (the entry), `handoff` (a result that is not cached, e.g. an error with
+  ERROR_TTL=0 or a 503, kept a few seconds for the waiters of that moment only) or `pass`
+  (an output too large to cache: the waiters render in parallel, never one after another);
+- a waiter registers (INCR) and then re-reads, in that order, so the finish script either
+  counted it or ran before its read and left something to find.
+
+A dead holder's lock expires and the next waiter to look takes it. Any Redis failure
 becomes `CacheUnavailable`, which serve() turns into an uncached answer (X-Cache: BYPASS).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -25,15 +38,62 @@ from redis.retry import Retry
 log = logging.getLogger("image_proxy.cache")
 
 _MAGIC = b"IPC1"
-#: Waiters block on the lock's signal for at most this long between looks at the entry
-#: and at their deadline; also bounds how soon a waiter notices a dead holder's expiry.
-WAIT_STEP_S = 1
-#: A wake-up nobody takes lapses quickly, as python-redis-lock's own (signal_expire=1000).
-SIGNAL_EXPIRE_MS = 1000
+#: Waiters block on the wake-up list for at most this long between looks at the entry and
+#: at their deadline; also bounds how soon a waiter notices a dead holder's expired lock.
+WAIT_STEP_S = 1.0
+#: How long wake-up tokens, a handed-off result and a pass marker live: long enough for
+#: every waiter counted at finish time to read them (they are woken at once).
+HANDOFF_MS = 3000
+
+STORED, HANDOFF, PASS = "stored", "handoff", "pass"
 
 
 class CacheUnavailable(Exception):
     """Redis did not answer in time, or not at all."""
+
+
+class LockWaitTimeout(Exception):
+    """A waiter's deadline passed while another request held the render lock."""
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Where one variant lives. All of a source's keys share one hash tag (`source`), so in
+    a Redis Cluster they sit in one slot and one script can touch them together."""
+
+    source: str  # digest of the normalized source URL
+    variant: str  # digest of pipeline version, width, quality and format
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.variant}"
+
+    def _key(self, kind: str) -> str:
+        return f"ip:{{{self.source}}}:{kind}:{self.variant}"
+
+    @property
+    def entry(self) -> str:
+        return self._key("v")
+
+    @property
+    def lock(self) -> str:
+        """python-redis-lock's name; it stores the lock itself at "lock:" + this."""
+        return self._key("l")
+
+    @property
+    def wake(self) -> str:
+        return self._key("wake")
+
+    @property
+    def waiters(self) -> str:
+        return self._key("n")
+
+    @property
+    def handoff(self) -> str:
+        return self._key("h")
+
+    @property
+    def passed(self) -> str:
+        return self._key("p")
 
 
 @dataclass(frozen=True)
@@ -57,28 +117,59 @@ class CacheEntry:
         header = asdict(self)
         del header["body"]
         head = json.dumps(header, separators=(",", ":")).encode()
-        return _MAGIC + len(head).to_bytes(4, "big") + head + self.body
+        # The status byte after the magic lets the finish script tell images from errors.
+        flag = b"I" if self.ok else b"E"
+        return _MAGIC + flag + len(head).to_bytes(4, "big") + head + self.body
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CacheEntry | None:
-        if raw[:4] != _MAGIC:
+        """The entry, or None for anything unreadable: another version's layout, a field
+        this version does not know or lacks, corrupt bytes. None is a miss, never a 500."""
+        if raw[:4] != _MAGIC or len(raw) < 9:
             return None
-        size = int.from_bytes(raw[4:8], "big")
+        size = int.from_bytes(raw[5:9], "big")
         try:
-            header = json.loads(raw[8 : 8 + size])
-        except ValueError:
+            header = json.loads(raw[9 : 9 + size])
+            known = {f.name for f in dataclasses.fields(cls)} - {"body"}
+            entry = cls(body=raw[9 + size :], **{k: v for k, v in header.items() if k in known})
+        except (ValueError, TypeError, AttributeError):
             return None
-        return cls(body=raw[8 + size :], **header)
+        if not isinstance(entry.status, int) or not isinstance(entry.content_type, str):
+            return None
+        return entry
 
 
-def entry_key(key: str) -> str:
-    # One hash tag for the entry and both lock keys: in a Redis Cluster they share a slot,
-    # so the lock's release script (which touches lock and signal) never fails CROSSSLOT.
-    return f"ip:{{{key}}}:v"
-
-
-def lock_name(key: str) -> str:
-    return f"ip:{{{key}}}"
+# KEYS: entry, lock ("lock:" + name), wake list, waiter count, handoff, pass marker.
+# ARGV: lock id, action (store|handoff|pass|none), value, ttl ms (entry or handoff),
+#       is_error, token lifetime ms, token (stored|handoff|pass).
+# "store" writes the entry unless an image is already there and this result is an error, or
+# this caller no longer holds the lock and an entry exists (a newer holder wrote it). Then
+# the lock is dropped if still ours and every counted waiter gets one token.
+_FINISH = b"""
+local action = ARGV[2]
+local held = redis.call('get', KEYS[2]) == ARGV[1]
+if action == 'store' then
+    local current = redis.call('get', KEYS[1])
+    local keep = false
+    if current then
+        if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' then keep = true end
+        if not held then keep = true end
+    end
+    if not keep then redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
+elseif action == 'handoff' then
+    redis.call('set', KEYS[5], ARGV[3], 'PX', ARGV[4])
+elseif action == 'pass' then
+    redis.call('set', KEYS[6], '1', 'PX', ARGV[6])
+end
+if held then redis.call('del', KEYS[2]) end
+local waiting = tonumber(redis.call('get', KEYS[4]) or '0')
+redis.call('del', KEYS[4])
+if waiting > 0 then
+    for i = 1, math.min(waiting, 10000) do redis.call('rpush', KEYS[3], ARGV[7]) end
+    redis.call('pexpire', KEYS[3], ARGV[6])
+end
+return waiting
+"""
 
 
 def make_client(url: str, *, timeout: float, cluster: bool = False) -> Any:
@@ -95,6 +186,60 @@ def make_client(url: str, *, timeout: float, cluster: bool = False) -> Any:
 
         return RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
+
+
+class RenderLock(redis_lock.Lock):
+    """python-redis-lock's Lock whose renewal survives a Redis hiccup.
+
+    The stock renewal thread dies on its first Redis error, so one slow answer could let a
+    long render's lock lapse silently. This one retries every second until the lock's
+    expiry would pass, and notes when the lock was lost (then `FINISH` stores nothing over a
+    newer holder's entry).
+    """
+
+    lost = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost = False
+
+    @staticmethod
+    def _lock_renewer(name: str, lockref: Any, interval: float, stop: threading.Event) -> None:
+        wait = interval
+        while not stop.wait(timeout=wait):
+            lock = lockref()
+            if lock is None:
+                return
+            try:
+                lock.extend(expire=lock._expire)
+                wait = interval
+            except redis_lock.NotAcquired:
+                lock.lost = True
+                log.warning("render lock %s was lost (expired or taken over) while held", name)
+                return
+            except (redis.RedisError, OSError) as exc:
+                # Retry well before the expiry the last renewal set can pass.
+                log.info("render lock %s: renewal failed (%s); retrying", name, exc)
+                wait = min(1.0, interval / 4)
+            del lock
+
+    def stop_renewal(self) -> None:
+        self._stop_lock_renewer()
+
+
+@dataclass
+class Claim:
+    """What `Cache.claim` found: an entry to answer with, or the duty to render.
+
+    `entry` is set when another request's result is there (stored or handed off). `holder`
+    is True when this request holds the lock and must render and then `finish`. Neither:
+    the holder's result could not be shared (too large to cache), so render in parallel.
+    """
+
+    entry: CacheEntry | None = None
+    holder: bool = False
+    handed_off: bool = False
+    lock: RenderLock | None = None
 
 
 class Cache:
@@ -118,6 +263,7 @@ class Cache:
         self.lock_expire = lock_expire
         self.max_entry_bytes = max_entry_bytes
         self.cluster = cluster
+        self._finish = wait_client.register_script(_FINISH)
         self._healthy = True
         self._health_lock = threading.Lock()
 
@@ -146,93 +292,144 @@ class Cache:
 
     # -- entries -------------------------------------------------------------------------
 
-    def get(self, key: str) -> CacheEntry | None:
+    def get(self, key: CacheKey) -> CacheEntry | None:
         try:
-            raw = self.client.get(entry_key(key))
+            raw = self.client.get(key.entry)
         except (redis.RedisError, OSError) as exc:
             raise self._failed("get", exc) from None
         self._answered()
         return CacheEntry.from_bytes(raw) if raw else None
 
-    def put(self, key: str, entry: CacheEntry) -> bool:
-        """Store an entry; False when it was not stored (too large, or Redis failed)."""
+    def storable(self, entry: CacheEntry) -> bool:
         ttl = self.ttl if entry.ok else self.error_ttl
-        if ttl <= 0 or len(entry.body) > self.max_entry_bytes:
+        return ttl > 0 and len(entry.body) <= self.max_entry_bytes
+
+    def put(self, key: CacheKey, entry: CacheEntry) -> bool:
+        """Store an entry outside any claim (an uncontended render); False when not stored."""
+        if not self.storable(entry):
             return False
+        ttl = self.ttl if entry.ok else self.error_ttl
         try:
-            self.client.set(entry_key(key), entry.to_bytes(), ex=ttl)
+            if entry.ok:
+                self.client.set(key.entry, entry.to_bytes(), ex=ttl)
+            else:
+                # An error never replaces a stored image.
+                self.client.set(key.entry, entry.to_bytes(), ex=ttl, nx=True)
         except (redis.RedisError, OSError) as exc:
             self._failed("set", exc)
             return False
         self._answered()
         return True
 
-    # -- the per-key render lock ---------------------------------------------------------
+    # -- the per-key render claim --------------------------------------------------------
 
     @contextmanager
-    def render_lock(self, key: str, deadline: float) -> Iterator[CacheEntry | None]:
-        """Hold the key's render lock, or wait for whoever holds it.
+    def claim(self, key: CacheKey, deadline: float) -> Iterator[Claim]:
+        """Claim the key's render, or wait for whoever has it.
 
-        Yields None while this caller holds the lock and must render, or the entry another
-        caller stored while this one waited (the lock is then not held). Raises
-        `LockWaitTimeout` when `deadline` (time.monotonic) passes first, and
-        CacheUnavailable when Redis fails.
+        Yields a `Claim` (see there). A holder must call `finish(key, claim, entry)` before
+        leaving; if it leaves by an exception, the lock is dropped and the waiters are told
+        to try for themselves. Raises `LockWaitTimeout` when `deadline` (time.monotonic)
+        passes while waiting, and CacheUnavailable when Redis fails.
         """
-        lock = redis_lock.Lock(
-            self.wait_client,
-            lock_name(key),
-            expire=self.lock_expire,
-            auto_renewal=True,
-            strict=not self.cluster,
-        )
+        lock = RenderLock(self.wait_client, key.lock, expire=self.lock_expire, auto_renewal=True,
+                          strict=not self.cluster)
         try:
-            entry = self._acquire_or_entry(lock, key, deadline)
+            found = self._claim(lock, key, deadline)
         except (redis.RedisError, OSError) as exc:
             raise self._failed("lock", exc) from None
-        if entry is not None:
-            yield entry
-            return
         try:
-            yield None
-        finally:
-            self._release(lock)
+            yield found
+        except BaseException:
+            if found.holder and found.lock is not None:
+                self._finish_quietly(key, found, "pass", PASS, b"", 0, is_error=True)
+            raise
 
-    def _acquire_or_entry(self, lock: redis_lock.Lock, key: str, deadline: float) -> CacheEntry | None:
+    def _claim(self, lock: RenderLock, key: CacheKey, deadline: float) -> Claim:
         if lock.acquire(blocking=False):
-            return None
-        # Waiters block on the lock's own signal list, which its release pushes to, but do
-        # not take the lock just to read the entry: a woken waiter that finds the entry
-        # passes the wake-up on to two more and returns, so 31 waiters wake in about five
-        # Redis round trips instead of a chain of 31 acquire/release pairs.
-        signal = f"lock-signal:{lock_name(key)}"  # python-redis-lock 4.0's signal key
-        while True:
-            if time.monotonic() >= deadline:
-                raise LockWaitTimeout("waited too long for another request's render")
-            woken = self.wait_client.blpop([signal], timeout=WAIT_STEP_S)
-            entry = self.get(key)
-            if entry is not None:
-                if woken:
-                    self._wake_two(signal)
-                return entry
-            # No entry: the holder failed without storing, died, or is still at work.
-            if lock.acquire(blocking=False):
-                return None
-
-    def _wake_two(self, signal: str) -> None:
+            return self._as_holder(lock, key)
+        # Register first, then look: FINISH either counted this waiter or ran before the
+        # look and left the entry, a handoff or a pass marker for it to find.
         pipe = self.wait_client.pipeline(transaction=False)
-        pipe.lpush(signal, 1, 1)
-        pipe.pexpire(signal, SIGNAL_EXPIRE_MS)
-        pipe.execute()
+        pipe.incr(key.waiters)
+        pipe.pexpire(key.waiters, int(self.lock_expire * 1000))
+        pipe.get(key.entry)
+        pipe.get(key.handoff)
+        pipe.get(key.passed)
+        _, _, raw_entry, raw_handoff, passed = pipe.execute()
+        found = self._from_look(raw_entry, raw_handoff, passed)
+        while found is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockWaitTimeout("waited too long for another request's render")
+            woken = self.wait_client.blpop([key.wake], timeout=max(0.01, min(WAIT_STEP_S, remaining)))
+            token = woken[1].decode() if woken else ""
+            if token == PASS:
+                return Claim()
+            if token == HANDOFF:
+                found = self._from_look(None, self.wait_client.get(key.handoff), None)
+            else:
+                found = self._from_look(self.wait_client.get(key.entry), None, None)
+            if found is None and not woken and lock.acquire(blocking=False):
+                # The holder died (its lock expired) or left without a result.
+                return self._as_holder(lock, key)
+        return found
 
-    def _release(self, lock: redis_lock.Lock) -> None:
+    @staticmethod
+    def _from_look(raw_entry: bytes | None, raw_handoff: bytes | None, passed: bytes | None) -> Claim | None:
+        entry = CacheEntry.from_bytes(raw_entry) if raw_entry else None
+        if entry is not None:
+            return Claim(entry=entry)
+        handed = CacheEntry.from_bytes(raw_handoff) if raw_handoff else None
+        if handed is not None:
+            return Claim(entry=handed, handed_off=True)
+        if passed:
+            return Claim()
+        return None
+
+    def _as_holder(self, lock: RenderLock, key: CacheKey) -> Claim:
+        # Re-read after every successful acquire: the previous holder may have stored the
+        # entry between this request's miss and its acquire.
+        raw = self.wait_client.get(key.entry)
+        entry = CacheEntry.from_bytes(raw) if raw else None
+        if entry is not None:
+            self._finish_script(key, lock, "none", STORED, b"", 0, is_error=True)
+            return Claim(entry=entry)
+        return Claim(holder=True, lock=lock)
+
+    def finish(self, key: CacheKey, claim: Claim, entry: CacheEntry, *, cacheable: bool = True) -> str:
+        """End a holder's claim with its result: stored; handed off to the waiters of this
+        moment (a failure that is not cached); or, for an output too large to pass around,
+        the waiters render in parallel. Returns what happened (STORED, HANDOFF or PASS)."""
+        if cacheable and self.storable(entry):
+            action, token, ttl_ms = "store", STORED, (self.ttl if entry.ok else self.error_ttl) * 1000
+        elif not entry.ok:
+            action, token, ttl_ms = "handoff", HANDOFF, HANDOFF_MS
+        else:
+            action, token, ttl_ms = "pass", PASS, 0
+        value = entry.to_bytes() if action != "pass" else b""
+        if not self._finish_quietly(key, claim, action, token, value, ttl_ms, is_error=not entry.ok):
+            return PASS
+        return token
+
+    def _finish_quietly(self, key: CacheKey, claim: Claim, action: str, token: str, value: bytes, ttl_ms: int,
+                        *, is_error: bool) -> bool:
+        lock, claim.lock = claim.lock, None
+        if lock is None:
+            return False
         try:
-            lock.release()
-        except redis_lock.NotAcquired:
-            # Expired or wiped (Redis restarted empty): waiters take over on their own.
-            log.info("render lock was gone at release")
+            self._finish_script(key, lock, action, token, value, ttl_ms, is_error=is_error)
         except (redis.RedisError, OSError) as exc:
-            self._failed("unlock", exc)
+            self._failed("finish", exc)
+            return False
+        self._answered()
+        return True
 
-
-class LockWaitTimeout(Exception):
-    """A waiter's deadline passed while another request held the render lock."""
+    def _finish_script(self, key: CacheKey, lock: RenderLock, action: str, token: str, value: bytes, ttl_ms: int,
+                       *, is_error: bool) -> None:
+        lock.stop_renewal()
+        self._finish(
+            keys=[key.entry, "lock:" + key.lock, key.wake, key.waiters, key.handoff, key.passed],
+            args=[lock.id, action, value, max(1, ttl_ms), "1" if is_error else "0", HANDOFF_MS, token],
+            client=self.wait_client,
+        )

@@ -81,3 +81,10 @@ class Busy(ProxyError):
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class OutOfMemory(Busy):
+    """The machine had no memory for this render just now: a 503 to retry, never stored,
+    because it says nothing about the image."""
+
+    kind = "out_of_memory"

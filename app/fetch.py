@@ -167,9 +167,11 @@ class Fetcher:
     def close(self) -> None:
         self.session.close()
 
-    def fetch_source(self, url: SourceURL, url_policy: URLPolicy) -> Source:
+    def fetch_source(self, url: SourceURL, url_policy: URLPolicy, *, deadline: float | None = None) -> Source:
+        """`deadline` (time.monotonic) is the request's own, when it ends before
+        UPSTREAM_TIMEOUT would: the fetch never outlives the request budget."""
         started = time.monotonic()
-        deadline = started + self.timeout
+        deadline = min(started + self.timeout, deadline or float("inf"))
         try:
             for _hop in range(MAX_REDIRECTS + 1):
                 response = self._get(url, deadline)
@@ -183,7 +185,8 @@ class Fetcher:
                 url = self._next_hop(url, location, url_policy)
             raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
         except _DeadlinePassed:
-            raise UpstreamTimeout(f"upstream did not deliver the image within {self.timeout:g} s") from None
+            waited = min(self.timeout, time.monotonic() - started)
+            raise UpstreamTimeout(f"upstream did not deliver the image within {waited:.3g} s") from None
 
     def _next_hop(self, current: SourceURL, location: str, url_policy: URLPolicy) -> SourceURL:
         try:

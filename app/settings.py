@@ -37,6 +37,15 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _derived_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Empty means "derive it from the other settings" (None); anything else is parsed."""
+
+    def parse_or_none(text: str) -> Any:
+        return None if not text.strip() else parse(text)
+
+    return parse_or_none
+
+
 def _seconds(lo: float, hi: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -159,7 +168,7 @@ MIB = 1024 * 1024
 SETTINGS: tuple[Spec, ...] = (
     Spec("bind", _bind, "127.0.0.1:8000", "Address gunicorn listens on."),
     Spec("workers", _int(1, 64), "2", "gunicorn worker processes (one per core measured best on 2 cores)."),
-    Spec("threads", _int(2, 256), "32", "Threads per worker: renders, waiters and cache hits; THREADS - MAX_QUEUE stay free for hits."),
+    Spec("threads", _int(2, 256), "64", "Threads per worker: fetches, renders, dedup waiters and cache hits; THREADS - MAX_QUEUE stay free for hits."),
     Spec("redis_url", _redis_url, "", "redis://, rediss:// or unix:// URL of a shared Redis; empty starts an embedded one."),
     Spec("redis_cluster", _bool, "false", "Treat REDIS_URL as one node of a Redis Cluster."),
     Spec("redis_timeout", _seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS)."),
@@ -167,12 +176,11 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("cache_ttl", _int(1), "86400", "Seconds a rendered image stays in the cache."),
     Spec("error_ttl", _int(0), "10", "Seconds a failure is cached, so waiters and followers get it without refetching."),
     Spec("max_cache_entry_bytes", _int(1), str(16 * MIB), "Outputs larger than this are served but not cached."),
-    Spec("upstream_timeout", _seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body."),
-    Spec("request_budget", _seconds(1, 600), "30", "How long a waiter waits for another request's render before a 503."),
-    Spec("lock_expire", _int(2, 3600), "10", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held)."),
-    Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot."),
-    Spec("queue_timeout", _seconds(0, 60), "10", "Seconds a miss waits for a render slot before a 503 with Retry-After."),
-    Spec("max_queue", _int(1, 255), "24", "Misses in flight per worker (fetching, waiting, rendering); past it an immediate 503. Must be below THREADS."),
+    Spec("upstream_timeout", _seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body (never past the request budget)."),
+    Spec("request_budget", _seconds(1, 600), "30", "The one budget of a request: fetch, lock wait, render-slot wait and render finish within it or answer 503/504. gunicorn's graceful_timeout is derived from it."),
+    Spec("lock_expire", _derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held); empty = REQUEST_BUDGET + 5."),
+    Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget."),
+    Spec("max_queue", _derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS."),
     Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
     Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
     Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
@@ -192,7 +200,7 @@ SETTINGS: tuple[Spec, ...] = (
 class Settings:
     bind: str = "127.0.0.1:8000"
     workers: int = 2
-    threads: int = 32
+    threads: int = 64
     redis_url: str | None = None
     redis_cluster: bool = False
     redis_timeout: float = 0.25
@@ -202,10 +210,9 @@ class Settings:
     max_cache_entry_bytes: int = 16 * MIB
     upstream_timeout: float = 20.0
     request_budget: float = 30.0
-    lock_expire: int = 10
+    lock_expire: int | None = None  # None: derived, see lock_seconds
     render_slots: int = 2
-    queue_timeout: float = 10.0
-    max_queue: int = 24
+    max_queue: int | None = None  # None: derived, see miss_places
     max_source_bytes: int = 32 * MIB
     max_source_pixels: int = 50_000_000
     max_width: int = 8192
@@ -231,8 +238,8 @@ class Settings:
                 values[spec.attr] = spec.parse(raw)
             except ValueError as exc:
                 problems.append(f"{spec.env}={raw!r}: {exc}")
-        threads, max_queue = values.get("threads", cls.threads), values.get("max_queue", cls.max_queue)
-        if not problems and max_queue >= threads:
+        threads, max_queue = values.get("threads", cls.threads), values.get("max_queue")
+        if not problems and max_queue is not None and max_queue >= threads:
             problems.append(
                 f"{PREFIX}MAX_QUEUE={max_queue} must be below {PREFIX}THREADS={threads}, "
                 "or cache hits would wait behind misses"
@@ -243,6 +250,29 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    # Derived values: a setting left empty follows the ones it depends on, so any single
+    # setting can be changed alone (THREADS=4 needs no MAX_QUEUE).
+
+    @property
+    def miss_places(self) -> int:
+        """Misses that may fetch or render at once in one worker."""
+        if self.max_queue is not None:
+            return self.max_queue
+        return max(1, self.threads - max(1, self.threads // 8))
+
+    @property
+    def lock_seconds(self) -> int:
+        """Render-lock expiry: above the request budget, so a live holder never loses it
+        even if every renewal failed; a dead holder's lock lapses that long after."""
+        if self.lock_expire is not None:
+            return self.lock_expire
+        return int(self.request_budget) + 5
+
+    @property
+    def graceful_seconds(self) -> int:
+        """gunicorn's graceful_timeout: an in-flight request always finishes on HUP/TERM."""
+        return int(self.request_budget) + 5
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -385,12 +385,11 @@ def _service_redis_url(server: Gunicorn) -> str | None:
 
 def _entry_key_for(upstream_port: int, photo: str, q: int) -> str:
     """The Redis key the service stores the wrk URL's image under."""
-    from app.cache import entry_key
     from app.guard import parse_source_url
     from app.image.params import ImageRequest
 
     url = parse_source_url(f"http://127.0.0.1:{upstream_port}/v/wrk/photos/{photo}")
-    return entry_key(ImageRequest(url, 640, q, "webp").cache_key())
+    return ImageRequest(url, 640, q, "webp").cache_key().entry
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from app.cache import CacheKey
 from app.errors import BadParameter
 from app.guard import SourceURL, URLPolicy, parse_source_url
 from app.settings import Settings
@@ -32,11 +33,13 @@ class ImageRequest:
     #: The client asked for format=auto; the response then varies on Accept.
     negotiated: bool = False
 
-    def cache_key(self) -> str:
-        # `negotiated` is left out on purpose: format=auto answered with AVIF and
-        # format=avif are the same bytes and share one entry.
-        text = f"{PIPELINE_VERSION}\n{self.url}\n{self.width}\n{self.quality}\n{self.format}"
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+    def cache_key(self) -> CacheKey:
+        """The source's digest (shared by every variant of one URL, so its keys sit in one
+        Redis Cluster slot) and the variant's. `negotiated` is left out on purpose:
+        format=auto answered with AVIF and format=avif are the same bytes, one entry."""
+        source = hashlib.sha256(str(self.url).encode()).hexdigest()[:24]
+        variant = f"{PIPELINE_VERSION}\n{self.width}\n{self.quality}\n{self.format}"
+        return CacheKey(source, hashlib.sha256(variant.encode()).hexdigest()[:16])
 
     @property
     def content_type(self) -> str:

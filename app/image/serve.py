@@ -3,10 +3,13 @@
     cache.get ──hit──► done
         │ miss
         ▼
-    render_lock(key) ──entry appeared while waiting──► done
-        │ holder
+    cache.claim(key) ──another request's result (stored or handed off)──► done
+        │ holder (or: the holder's output was too large to share, render in parallel)
         ▼
-    fetch → render → cache.put → done
+    admission → fetch → render → cache.finish (store / hand off / pass) → done
+
+One deadline, started when the request arrives (REQUEST_BUDGET), bounds every wait on
+this path: the lock wait, the admission check, the fetch and the wait for a render slot.
 
 No Flask here, so dedup and failure sharing are testable without a server. Failures the
 client or upstream caused are stored as entries too (for ERROR_TTL), so waiters and
@@ -21,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.cache import Cache, CacheEntry, CacheUnavailable, LockWaitTimeout
-from app.errors import Busy, ProxyError
+from app.errors import Busy, OutOfMemory, ProxyError
 from app.fetch import Fetcher
 from app.guard import URLPolicy
 from app.image.admission import Admission
@@ -48,6 +51,13 @@ class Served:
     cache_status: str  # HIT, MISS or BYPASS
     waited: bool = False  # another request rendered it while this one waited
     timings: Timings = field(default_factory=Timings)
+    #: The failure behind an error entry that must not be cached (a 503, a loop): answered
+    #: by raising it once the waiters have been handed the same answer.
+    error: ProxyError | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.error is None
 
 
 class ImageService:
@@ -55,49 +65,61 @@ class ImageService:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
-        self.admission = Admission(
-            max_in_flight=settings.max_queue, render_slots=settings.render_slots, queue_timeout=settings.queue_timeout
-        )
+        self.admission = Admission(max_in_flight=settings.miss_places, render_slots=settings.render_slots)
 
     def serve(self, request: ImageRequest, url_policy: URLPolicy) -> Served:
+        started = time.monotonic()
+        deadline = started + self.settings.request_budget
         key = request.cache_key()
         try:
             entry = self.cache.get(key)
         except CacheUnavailable:
-            with self.admission.miss():
-                return self._produce(request, url_policy, BYPASS)
+            return self._produce(request, url_policy, BYPASS, deadline)
         if entry is not None:
             return Served(entry, HIT)
-        with self.admission.miss():
-            return self._serve_miss(request, url_policy, key)
-
-    def _serve_miss(self, request: ImageRequest, url_policy: URLPolicy, key: str) -> Served:
-        started = time.monotonic()
-        deadline = started + self.settings.request_budget
         try:
-            with self.cache.render_lock(key, deadline) as stored:
-                if stored is not None:
-                    return Served(stored, HIT, waited=True, timings=Timings(wait_s=time.monotonic() - started))
-                served = self._produce(request, url_policy, MISS)
-                self.cache.put(key, served.entry)
+            with self.cache.claim(key, deadline) as claim:
+                if claim.entry is not None:
+                    timings = Timings(wait_s=time.monotonic() - started)
+                    status = MISS if claim.handed_off else HIT
+                    return Served(claim.entry, status, waited=True, timings=timings)
+                served = self._produce(request, url_policy, MISS, deadline, raise_uncacheable=False)
+                if claim.holder:
+                    self.cache.finish(key, claim, served.entry, cacheable=served.cacheable)
+                if not served.cacheable:
+                    raise served.error  # type: ignore[misc]
                 return served
         except LockWaitTimeout:
             raise Busy("another request for this image is still rendering; retry shortly", retry_after=2) from None
         except CacheUnavailable:
-            return self._produce(request, url_policy, BYPASS)
+            return self._produce(request, url_policy, BYPASS, deadline)
 
-    def _produce(self, request: ImageRequest, url_policy: URLPolicy, status: str) -> Served:
+    def _produce(
+        self, request: ImageRequest, url_policy: URLPolicy, status: str, deadline: float,
+        *, raise_uncacheable: bool = True,
+    ) -> Served:
+        """Fetch and render under admission control. A ProxyError becomes an error entry
+        (to store for ERROR_TTL or hand to the waiters); one that must not be cached is
+        raised, or returned with `cacheable=False` for a lock holder to hand over first."""
         timings = Timings()
         try:
-            entry = self._render_source(request, url_policy, timings)
+            try:
+                with self.admission.miss(deadline):
+                    entry = self._render_source(request, url_policy, timings, deadline)
+            except MemoryError:
+                # Anywhere on this path (the body join, an encoder buffer): the machine's
+                # state, not the image's fault, so a 503 that is never stored.
+                raise OutOfMemory("not enough memory for this image right now; retry shortly", retry_after=5) from None
         except ProxyError as exc:
-            if not exc.cacheable:
+            if not exc.cacheable and raise_uncacheable:
                 raise
-            entry = error_entry(exc)
+            return Served(error_entry(exc), status, timings=timings, error=None if exc.cacheable else exc)
         return Served(entry, status, timings=timings)
 
-    def _render_source(self, request: ImageRequest, url_policy: URLPolicy, timings: Timings) -> CacheEntry:
-        source = self.fetcher.fetch_source(request.url, url_policy)
+    def _render_source(
+        self, request: ImageRequest, url_policy: URLPolicy, timings: Timings, deadline: float
+    ) -> CacheEntry:
+        source = self.fetcher.fetch_source(request.url, url_policy, deadline=deadline)
         timings.upstream_s = source.fetch_seconds
         timings.source_bytes = len(source.body)
         options = RenderOptions(
@@ -108,6 +130,7 @@ class ImageService:
             max_frames=self.settings.max_animation_frames,
             input_formats=self.settings.input_formats,
         )
+
         def timed_render() -> Rendered:
             started = time.monotonic()  # on the render thread: slot waiting is not render time
             try:
@@ -115,7 +138,7 @@ class ImageService:
             finally:
                 timings.render_s = time.monotonic() - started
 
-        rendered = self.admission.render(timed_render)
+        rendered = self.admission.render(timed_render, deadline)
         return CacheEntry(
             status=200,
             body=rendered.body,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.errors import BadSource, ProxyError
+from app.errors import BadSource, OutOfMemory, ProxyError
 from app.render.apply_orientation import apply_orientation
 from app.render.canvas import Canvas, Rendered, RenderOptions
 from app.render.check_pixels import check_pixels
@@ -53,7 +53,7 @@ def render(data: bytes, options: RenderOptions) -> Rendered:
     except ProxyError:
         raise
     except MemoryError:
-        raise BadSource("the image needs more memory to decode than this service allows") from None
+        raise OutOfMemory("not enough memory to render this image right now; retry shortly", retry_after=5) from None
     except Exception as exc:
         # Frames are decoded lazily, so a decoder error can surface in any later step.
         # Pillow raises many exception types for bad data; all of them mean the same here.

@@ -16,7 +16,7 @@ import requests
 from redis.cluster import RedisCluster
 
 from app import create_app
-from app.cache import entry_key, lock_name
+from app.cache import CacheKey
 from app.embedded_redis import EmbeddedRedis, find_redis_server, start_embedded_redis
 
 pytestmark = pytest.mark.e2e
@@ -140,10 +140,12 @@ def test_redis_cluster_caches_and_dedups_with_hash_tagged_keys(cluster, settings
     assert app.test_client().get(path).headers["X-Cache"] == "HIT"
     assert app.test_client().get("/healthz").status_code == 200
 
-    # The entry and both lock keys live in one slot.
+    # Every key of one source (entry, lock, wake-up list, waiter count, handoff, pass
+    # marker) lives in one slot, so the finish script can touch them together.
     client = RedisCluster.from_url(cluster.url)
-    keys = [entry_key("abc"), "lock:" + lock_name("abc"), "lock-signal:" + lock_name("abc")]
+    key, other_variant = CacheKey("abc", "v1"), CacheKey("abc", "v2")
+    keys = [key.entry, "lock:" + key.lock, key.wake, key.waiters, key.handoff, key.passed, other_variant.entry]
     assert len({client.keyslot(key) for key in keys}) == 1
-    stored = list(client.scan_iter(match="ip:*", target_nodes=RedisCluster.ALL_NODES))
+    stored = list(client.scan_iter(match="ip:*:v:*", target_nodes=RedisCluster.ALL_NODES))
     assert len(stored) == 1
     client.close()

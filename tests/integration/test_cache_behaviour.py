@@ -118,7 +118,7 @@ def test_output_too_large_to_cache_is_served_but_not_stored(settings, upstream, 
     assert first.status_code == second.status_code == 200
     assert len(first.get_data()) > 1000
     assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
-    assert not [key for key in redis_client.scan_iter("ip:*") if key.endswith(b":v")]
+    assert not list(redis_client.scan_iter("ip:*:v:*"))
 
 
 def test_embedded_redis_runs_as_an_lru_cache_with_a_memory_cap(redis_server):
@@ -131,9 +131,12 @@ def test_embedded_redis_runs_as_an_lru_cache_with_a_memory_cap(redis_server):
 
 
 def test_a_waiter_gives_up_after_the_request_budget_with_a_503_and_retry_after(settings, upstream):
+    # The holder is another instance with a longer budget (its fetch takes 4 s); this one's
+    # budget is 1 s, so it must stop waiting at its own deadline.
+    holder_app = create_app(settings.replace(request_budget=8.0, upstream_timeout=8.0))
     app = create_app(settings.replace(request_budget=1.0, upstream_timeout=8.0))
     path = image_path(upstream, f"slow-image/4/{PHOTO}", w=90)
-    holder = threading.Thread(target=lambda: app.test_client().get(path))
+    holder = threading.Thread(target=lambda: holder_app.test_client().get(path))
     holder.start()
     time.sleep(0.3)  # the holder now has the lock and is fetching
     started = time.monotonic()
@@ -144,7 +147,16 @@ def test_a_waiter_gives_up_after_the_request_budget_with_a_503_and_retry_after(s
     assert response.headers["Retry-After"].isdigit()
     assert response.headers["Cache-Control"] == "no-store"
     assert "rendering" in response.json["error"]
-    assert waited < 1.0 + 1.5, "the budget plus at most one wait step"
+    assert waited < 1.0 + 0.5, "the waiter stops at its own deadline"
+
+
+def test_the_request_budget_bounds_the_fetch_of_a_holder_too(settings, upstream):
+    app = create_app(settings.replace(request_budget=1.0, upstream_timeout=8.0))
+    path = image_path(upstream, f"slow-image/4/{PHOTO}", w=90)
+    started = time.monotonic()
+    response = app.test_client().get(path)
+    assert response.status_code == 504
+    assert time.monotonic() - started < 1.0 + 0.5
 
 
 def test_a_switched_off_input_format_is_refused_without_a_redeploy_of_code(settings, upstream):
