@@ -1,8 +1,8 @@
 """Service settings: one table of IMAGE_PROXY_* variables, parsed and validated once.
 
-Every variable is declared once in SETTINGS (name, parser, default, help). The README's
-settings table is generated from it (`python -m app.settings --markdown`) and a test keeps
-the two equal. A bad start reports every bad variable together, each by name.
+Every variable is declared once in SETTINGS (name, parser, default, help). The settings table
+of docs/configuration.md is generated from it (`python -m app.settings --markdown`) and a test
+keeps the two equal. A bad start reports every bad variable together, each by name.
 """
 
 from __future__ import annotations

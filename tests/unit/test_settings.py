@@ -90,8 +90,20 @@ def test_unknown_variables_are_named_for_a_warning():
     ]
 
 
-def test_readme_settings_table_is_generated_from_the_table():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", readme, re.S)
-    assert block, "README.md must hold the generated settings table"
+def test_configuration_page_settings_table_is_generated_from_the_table():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", page, re.S)
+    assert block, "docs/configuration.md must hold the generated settings table"
     assert block.group(1).strip() == markdown_table().strip(), "run: python -m app.settings --markdown"
+
+
+def test_readme_settings_summary_names_real_settings_with_their_defaults():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- settings-summary:begin -->\n(.*?)\n<!-- settings-summary:end -->", readme, re.S)
+    assert block, "README.md must hold the short settings table"
+    defaults = {spec.env: spec.default for spec in SETTINGS}
+    rows = re.findall(r"^\| `(IMAGE_PROXY_[A-Z_]+)` \| `([^`]*)` \|", block.group(1), re.M)
+    assert len(rows) >= 8
+    for name, default in rows:
+        assert name in defaults, f"README names {name}, which app/settings.py does not read"
+        assert default == defaults[name], f"README says {name} defaults to {default!r}, the code {defaults[name]!r}"
