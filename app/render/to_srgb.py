@@ -81,9 +81,7 @@ def _build_transform(profile: bytes, in_mode: str) -> ImageCms.ImageCmsTransform
         description = (ImageCms.getProfileDescription(source) or "").lower()
         if in_mode != "CMYK" and "srgb" in description:
             return None
-        return ImageCms.buildTransform(
-            source, _SRGB, in_mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL
-        )
+        return ImageCms.buildTransform(source, _SRGB, in_mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
 
