@@ -17,12 +17,14 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import Cookie, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NameResolutionError, NewConnectionError
@@ -67,6 +69,34 @@ class Source:
 
 class _DeadlinePassed(Exception):
     pass
+
+
+class _RefuseAllCookies(DefaultCookiePolicy):
+    """Neither accept nor return any cookie."""
+
+    def set_ok(self, cookie: Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: Any) -> bool:
+        return False
+
+
+class _NoCookieJar(RequestsCookieJar):
+    """A session jar that never holds a cookie.
+
+    The session is shared by every user's fetches in a worker: a stored Set-Cookie would be
+    sent on later fetches for other users (the stdlib jar has no public-suffix list, so
+    Domain=.github.io from one site reaches another), and a flood of large cookies would make
+    every later request to that domain too large to answer. The policy stops
+    extract_cookies; set_cookie is the one sink every other path (update, set, merges)
+    goes through, so dropping there leaves nothing to send.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(policy=_RefuseAllCookies())
+
+    def set_cookie(self, cookie: Cookie, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 class _GuardedConnectionMixin:
@@ -150,6 +180,7 @@ class Fetcher:
         self.max_bytes = max_bytes
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or netrc from the environment
+        self.session.cookies = _NoCookieJar()
         adapter = _adapter(address_policy, resolve, pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
