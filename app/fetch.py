@@ -124,24 +124,62 @@ class _GuardedConnectionMixin:
         # address would otherwise let the OS pick the private one on a retry.
         for ip in addresses:
             self.policy.check(ip, self.port, host)
+        return self._connect_in_turn(addresses, host)
+
+    def _connect_in_turn(self, addresses: list[IPAddress], host: str) -> socket.socket:
+        """Try each checked address in order within the one connect deadline.
+
+        A refused address falls through to the next at once; one that does not answer gets
+        only its share of the time left (`attempt_budget`), so a dual-stack host whose first
+        address is blackholed is still reached on its second, not a 504 after the deadline.
+        """
+        deadline = time.monotonic() + self.timeout if isinstance(self.timeout, (int, float)) else None
         last_error: OSError | None = None
-        for ip in addresses:
+        for index, ip in enumerate(addresses):
+            budget: float | None = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    last_error = TimeoutError("no time left for the remaining addresses")
+                    break
+                budget = attempt_budget(remaining, len(addresses) - index)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 for option in self.socket_options or ():
                     sock.setsockopt(*option)
-                if isinstance(self.timeout, (int, float)):
-                    sock.settimeout(self.timeout)
+                sock.settimeout(budget)
                 sock.connect((str(ip), self.port))
-                return sock
-            except TimeoutError as exc:
-                sock.close()
-                raise urllib3.exceptions.ConnectTimeoutError(self, f"connect to {host} timed out") from exc
             except OSError as exc:
                 sock.close()
                 last_error = exc
+                continue
+            # Back to the whole connect timeout, as urllib3 would leave it, for the request.
+            sock.settimeout(self.timeout if deadline is not None else None)
+            return sock
+        # Out of time is a 504, as before; every address refusing or unreachable is a 502.
+        if isinstance(last_error, TimeoutError):
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"connect to {host} timed out")
         raise NewConnectionError(self, f"Failed to establish a new connection: {last_error}")
+
+
+#: Seconds every connect attempt but the last may take at most, and at least (time left
+#: permitting). A healthy path answers a SYN within one round trip, or within ~1 s plus a
+#: round trip when the first SYN is lost (Linux's initial retransmit timeout is 1 s), so
+#: 3 s is enough for a live address, and a blackholed one (a dead IPv6 route, the common
+#: dual-stack failure) costs 3 s, not the whole UPSTREAM_TIMEOUT. RFC 8305 (Happy
+#: Eyeballs) races addresses 250 ms apart; trying them in turn is simpler and, with
+#: pooled connections, paid once per connection, not per request.
+ATTEMPT_CAP = 3.0
+ATTEMPT_FLOOR = 0.5
+
+
+def attempt_budget(remaining: float, addresses_left: int) -> float:
+    """Connect time for the next address: the last one gets all that is left; the others a
+    fair share of it, between ATTEMPT_FLOOR and ATTEMPT_CAP, never more than is left."""
+    if addresses_left <= 1:
+        return remaining
+    return min(remaining, max(ATTEMPT_FLOOR, min(ATTEMPT_CAP, remaining / addresses_left)))
 
 
 def _literal(host: str) -> list[IPAddress]:
@@ -229,9 +267,7 @@ class Fetcher:
     def _get(self, url: SourceURL, deadline: float) -> requests.Response:
         remaining = _remaining(deadline)
         try:
-            response = self.session.get(
-                str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining)
-            )
+            response = self.session.get(str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining))
         except ProxyError:
             raise
         except requests.exceptions.ConnectTimeout:

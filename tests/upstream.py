@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -208,6 +209,32 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
         return self._send(404, b"no such route", "text/plain")
+
+
+class Blackhole:
+    """A loopback address:port where connect() hangs, as on a dead route: a listener with
+    backlog 0 whose one queue place is taken, so Linux drops every further SYN."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, port))
+        self.listener.listen(0)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.fillers: list[socket.socket] = []
+        for _ in range(8):  # bounded: the queue is full after one or two
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.2)
+            self.fillers.append(filler)
+            try:
+                filler.connect((self.host, self.port))
+            except TimeoutError:
+                return  # this SYN was dropped: so will every later one be
+        self.close()
+        raise RuntimeError(f"could not fill the accept queue of {self.host}:{self.port}")
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.listener):
+            sock.close()
 
 
 if __name__ == "__main__":
