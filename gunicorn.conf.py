@@ -81,7 +81,8 @@ control_socket_disable = True
 
 def on_starting(server: object) -> None:
     if _settings.redis_url is None:
-        redis_server = embedded_redis.start_owned(_settings.redis_maxmemory)
+        # Supervised: restarted on the same socket if it dies (app/embedded_redis.py).
+        redis_server = embedded_redis.start_owned(_settings.redis_maxmemory, supervise=True)
         # Workers fork from this master and read their settings from the environment.
         os.environ["IMAGE_PROXY_REDIS_URL"] = redis_server.url
         logging.getLogger("gunicorn.error").info(
