@@ -98,7 +98,8 @@ def _effective_settings(server: object) -> None:
 def on_starting(server: object) -> None:
     _effective_settings(server)
     if _settings.redis_url is None:
-        redis_server = embedded_redis.start_owned(_settings.redis_maxmemory)
+        # Supervised: restarted on the same socket if it dies (app/embedded_redis.py).
+        redis_server = embedded_redis.start_owned(_settings.redis_maxmemory, supervise=True)
         # Workers fork from this master and read their settings from the environment.
         os.environ["IMAGE_PROXY_REDIS_URL"] = redis_server.url
         logging.getLogger("gunicorn.error").info(
@@ -107,9 +108,15 @@ def on_starting(server: object) -> None:
 
 
 def child_exit(server: object, worker: object) -> None:
-    from prometheus_client import multiprocess
+    # Dead workers' metric files are folded into archives, so the directory stays bounded
+    # and counters never go backwards (app/metrics_cleanup.py). An exception here would
+    # stop the master's loop, so a failure is logged and the files wait for the next exit.
+    from app.metrics_cleanup import on_child_exit
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+    try:
+        on_child_exit(worker.pid, list(server.WORKERS))  # type: ignore[attr-defined]
+    except Exception:
+        logging.getLogger("gunicorn.error").exception("could not archive metrics of worker %s", worker.pid)  # type: ignore[attr-defined]
 
 
 def on_exit(server: object) -> None:

@@ -1,21 +1,37 @@
-"""Start and stop a private redis-server: the default cache when no IMAGE_PROXY_REDIS_URL is set.
+"""Start, supervise and stop a private redis-server: the default cache when no
+IMAGE_PROXY_REDIS_URL is set.
 
 Used by the gunicorn master's hooks (owned by the master, stopped with it) and by the test
 fixtures. The server listens on a unix socket in a fresh private directory, saves nothing
 to disk, and evicts least-recently-used keys at `maxmemory`, as a cache should.
+
+Ownership: only the process that started a server can stop or replace it. Workers fork
+from the master and inherit its `EmbeddedRedis` object (and, with --preload, an atexit
+hook that stops it); every stop and restart checks `owner_pid`, so a worker exiting,
+recycled or reloaded never touches the master's server.
+
+Supervision: `start_owned(..., supervise=True)` (the gunicorn master) also starts a
+`Supervisor` thread that polls the server every SUPERVISE_INTERVAL seconds and, if it has
+died, starts a new one on the same socket path. Workers' Redis clients reconnect by
+themselves on their next command, so caching resumes (empty) without a service restart.
+A thread, not a gunicorn hook: the master loop has no periodic hook, and a blocking
+restart there would hold up worker management. The thread never returns while the master
+lives, because redis-server's PR_SET_PDEATHSIG fires when the thread that spawned it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -54,6 +70,9 @@ class EmbeddedRedis:
     directory: str
     socket_path: str
     port: int = 0
+    args: list[str] = field(default_factory=list)
+    #: The process that started this server; only it may stop or restart it.
+    owner_pid: int = field(default_factory=os.getpid)
 
     @property
     def pid(self) -> int:
@@ -65,8 +84,31 @@ class EmbeddedRedis:
             return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{self.socket_path}"
 
+    @property
+    def owned_here(self) -> bool:
+        return os.getpid() == self.owner_pid
+
+    def running(self) -> bool:
+        # poll() also reports a server that someone else reaped (gunicorn's master reaps
+        # every child it gets SIGCHLD for): waitpid then fails with ECHILD, read as exited.
+        return self.process.poll() is None
+
+    def restart(self, ready_timeout: float = 15.0) -> None:
+        """Start a new server with the same arguments, so on the same socket path."""
+        if not self.owned_here:
+            raise EmbeddedRedisError("only the process that started the embedded Redis may restart it")
+        if self.running():
+            self.process.kill()
+            self.process.wait(ready_timeout)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # the dead server's socket file
+        self.process = _spawn(self.args, self.directory, self.socket_path, ready_timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop this server by its own PID and remove its directory."""
+        """Stop this server by its own PID and remove its directory; a no-op in any process
+        but the owner (a forked worker holds a copy of this object, never the server)."""
+        if not self.owned_here:
+            return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # in case a test paused it
             self.process.terminate()
@@ -103,12 +145,21 @@ def start_embedded_redis(
         "--loglevel", "warning",
         *extra_args,
     ]  # fmt: skip
+    try:
+        process = _spawn(args, directory, socket_path, ready_timeout)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return EmbeddedRedis(process, directory, socket_path, port, args)
+
+
+def _spawn(args: list[str], directory: str, socket_path: str, ready_timeout: float) -> subprocess.Popen[bytes]:
+    """Run redis-server and wait until it answers PING on its socket."""
     log_path = os.path.join(directory, "redis.log")
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
-    server = EmbeddedRedis(process, directory, socket_path, port)
     client = redis.Redis(unix_socket_path=socket_path, socket_timeout=1, socket_connect_timeout=1)
     give_up = time.monotonic() + ready_timeout
     try:
@@ -118,32 +169,89 @@ def start_embedded_redis(
                 raise EmbeddedRedisError(f"redis-server exited with {process.returncode}: {output}")
             try:
                 if client.ping():
-                    return server
+                    return process
             except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
                 pass
             if time.monotonic() > give_up:
                 raise EmbeddedRedisError(f"redis-server did not answer within {ready_timeout:g} s")
             time.sleep(0.02)
     except BaseException:
-        server.stop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         raise
     finally:
         client.close()
 
 
+#: Seconds between the supervisor's checks; with a ~50 ms start, a killed server is back
+#: well within the 5 s the operator is promised.
+SUPERVISE_INTERVAL = 0.2
+#: Seconds to wait after a failed restart before the next try (a binary gone, a full disk).
+RESTART_BACKOFF = 1.0
+
+
+class Supervisor:
+    """A daemon thread in the owner that restarts the server on the same socket if it dies."""
+
+    def __init__(self, server: EmbeddedRedis, interval: float = SUPERVISE_INTERVAL) -> None:
+        self.server = server
+        self.interval = interval
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedded-redis-supervisor", daemon=True)
+        self._log = logging.getLogger("gunicorn.error")
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if not self.server.owned_here:
+            return
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.server.running():
+                    continue
+                self._log.error("embedded redis-server pid %s died; restarting it", self.server.pid)
+                self.server.restart()
+                self.restarts += 1
+                self._log.warning(
+                    "embedded redis-server restarted as pid %s on %s", self.server.pid, self.server.socket_path
+                )
+            except Exception:  # the loop must outlive any failure, or PDEATHSIG ends the server
+                self._log.exception("could not restart the embedded redis-server; retrying")
+                self._stop.wait(RESTART_BACKOFF)
+
+
 #: The server this process started for itself (gunicorn master or a bare create_app()).
 _owned: EmbeddedRedis | None = None
+_supervisor: Supervisor | None = None
 
 
-def start_owned(maxmemory: int) -> EmbeddedRedis:
-    global _owned
-    if _owned is None or _owned.process.poll() is not None:
-        _owned = start_embedded_redis(maxmemory=maxmemory)
+def start_owned(maxmemory: int, *, supervise: bool = False) -> EmbeddedRedis:
+    """This process's own server, started on first use; `supervise` keeps it running."""
+    global _owned, _supervisor
+    if _owned is None or not _owned.owned_here or not _owned.running():
+        # A copy inherited from a parent is not ours: a worker never adopts the master's.
+        _owned, _supervisor = start_embedded_redis(maxmemory=maxmemory), None
+    if supervise and _supervisor is None:
+        _supervisor = Supervisor(_owned).start()
     return _owned
 
 
 def stop_owned() -> None:
-    global _owned
-    if _owned is not None:
-        _owned.stop()
-        _owned = None
+    """Stop this process's server (and its supervisor first); a no-op in a forked worker."""
+    global _owned, _supervisor
+    if _owned is None or not _owned.owned_here:
+        return
+    if _supervisor is not None:
+        _supervisor.stop()
+        _supervisor = None
+    _owned.stop()
+    _owned = None

@@ -17,12 +17,14 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import Cookie, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NameResolutionError, NewConnectionError
@@ -69,6 +71,34 @@ class _DeadlinePassed(Exception):
     pass
 
 
+class _RefuseAllCookies(DefaultCookiePolicy):
+    """Neither accept nor return any cookie."""
+
+    def set_ok(self, cookie: Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: Any) -> bool:
+        return False
+
+
+class _NoCookieJar(RequestsCookieJar):
+    """A session jar that never holds a cookie.
+
+    The session is shared by every user's fetches in a worker: a stored Set-Cookie would be
+    sent on later fetches for other users (the stdlib jar has no public-suffix list, so
+    Domain=.github.io from one site reaches another), and a flood of large cookies would make
+    every later request to that domain too large to answer. The policy stops
+    extract_cookies; set_cookie is the one sink every other path (update, set, merges)
+    goes through, so dropping there leaves nothing to send.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(policy=_RefuseAllCookies())
+
+    def set_cookie(self, cookie: Cookie, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class _GuardedConnectionMixin:
     """Resolve, check every address, and connect to a checked one."""
 
@@ -94,24 +124,62 @@ class _GuardedConnectionMixin:
         # address would otherwise let the OS pick the private one on a retry.
         for ip in addresses:
             self.policy.check(ip, self.port, host)
+        return self._connect_in_turn(addresses, host)
+
+    def _connect_in_turn(self, addresses: list[IPAddress], host: str) -> socket.socket:
+        """Try each checked address in order within the one connect deadline.
+
+        A refused address falls through to the next at once; one that does not answer gets
+        only its share of the time left (`attempt_budget`), so a dual-stack host whose first
+        address is blackholed is still reached on its second, not a 504 after the deadline.
+        """
+        deadline = time.monotonic() + self.timeout if isinstance(self.timeout, (int, float)) else None
         last_error: OSError | None = None
-        for ip in addresses:
+        for index, ip in enumerate(addresses):
+            budget: float | None = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    last_error = TimeoutError("no time left for the remaining addresses")
+                    break
+                budget = attempt_budget(remaining, len(addresses) - index)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 for option in self.socket_options or ():
                     sock.setsockopt(*option)
-                if isinstance(self.timeout, (int, float)):
-                    sock.settimeout(self.timeout)
+                sock.settimeout(budget)
                 sock.connect((str(ip), self.port))
-                return sock
-            except TimeoutError as exc:
-                sock.close()
-                raise urllib3.exceptions.ConnectTimeoutError(self, f"connect to {host} timed out") from exc
             except OSError as exc:
                 sock.close()
                 last_error = exc
+                continue
+            # Back to the whole connect timeout, as urllib3 would leave it, for the request.
+            sock.settimeout(self.timeout if deadline is not None else None)
+            return sock
+        # Out of time is a 504, as before; every address refusing or unreachable is a 502.
+        if isinstance(last_error, TimeoutError):
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"connect to {host} timed out")
         raise NewConnectionError(self, f"Failed to establish a new connection: {last_error}")
+
+
+#: Seconds every connect attempt but the last may take at most, and at least (time left
+#: permitting). A healthy path answers a SYN within one round trip, or within ~1 s plus a
+#: round trip when the first SYN is lost (Linux's initial retransmit timeout is 1 s), so
+#: 3 s is enough for a live address, and a blackholed one (a dead IPv6 route, the common
+#: dual-stack failure) costs 3 s, not the whole UPSTREAM_TIMEOUT. RFC 8305 (Happy
+#: Eyeballs) races addresses 250 ms apart; trying them in turn is simpler and, with
+#: pooled connections, paid once per connection, not per request.
+ATTEMPT_CAP = 3.0
+ATTEMPT_FLOOR = 0.5
+
+
+def attempt_budget(remaining: float, addresses_left: int) -> float:
+    """Connect time for the next address: the last one gets all that is left; the others a
+    fair share of it, between ATTEMPT_FLOOR and ATTEMPT_CAP, never more than is left."""
+    if addresses_left <= 1:
+        return remaining
+    return min(remaining, max(ATTEMPT_FLOOR, min(ATTEMPT_CAP, remaining / addresses_left)))
 
 
 def _literal(host: str) -> list[IPAddress]:
@@ -150,6 +218,7 @@ class Fetcher:
         self.max_bytes = max_bytes
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or netrc from the environment
+        self.session.cookies = _NoCookieJar()
         adapter = _adapter(address_policy, resolve, pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -201,9 +270,7 @@ class Fetcher:
     def _get(self, url: SourceURL, deadline: float) -> requests.Response:
         remaining = _remaining(deadline)
         try:
-            response = self.session.get(
-                str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining)
-            )
+            response = self.session.get(str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining))
         except ProxyError:
             raise
         except requests.exceptions.ConnectTimeout:

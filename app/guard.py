@@ -56,14 +56,18 @@ _BLOCKED: tuple[Network, ...] = tuple(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# SIIT's IPv4-translated form ::ffff:0:a.b.c.d (RFC 2765, kept in RFC 6052's family): a
+# translator on the path delivers it to a.b.c.d, and Python's is_global calls the whole
+# prefix global, so without this line ::ffff:0:127.0.0.1 would pass as public.
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 _6TO4 = ipaddress.ip_network("2002::/16")
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 form stands for (mapped, NAT64, 6to4), or None."""
+    """The IPv4 address an IPv6 form stands for (mapped, translated, NAT64, 6to4), or None."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip in _NAT64:
+    if ip in _NAT64 or ip in _TRANSLATED:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.sixtofour is not None:
         return ip.sixtofour

@@ -14,6 +14,10 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
   /page/<name>                   an HTML page a test put in `Upstream.pages`
   /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
   /slow-first/<delay>/<path>     like slow-image for the first request of that path only
+  /set-cookies?flood=N&size=S&then=<path>
+                                 Set-Cookie in its variants (plain, Path, Domain= the host,
+                                 its parent, an IP), plus N cookies of S bytes; a 302 to
+                                 <path> when `then` is given, else a small 200
 Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fetch counts.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -113,6 +118,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.close_connection = True
 
+    def _set_cookies(self, query: dict[str, list[str]]) -> None:
+        host = self.headers.get("Host", "").rsplit(":", 1)[0]
+        parent = host.split(".", 1)[-1]
+        cookies = [
+            "plain=1",
+            "with_path=1; Path=/",
+            f"own_domain=1; Domain={host}",
+            f"parent_domain=1; Domain=.{parent}",  # a.shared.test sets it for every *.shared.test
+            "ip_domain=1; Domain=127.0.0.1",
+            "long_lived=1; Max-Age=31536000; Path=/",
+        ]
+        size = int(query.get("size", ["4000"])[0])
+        cookies += [f"flood{i}={'x' * size}; Path=/" for i in range(int(query.get("flood", ["0"])[0]))]
+        then = query.get("then", [None])[0]
+        self.send_response(302 if then else 200)
+        for cookie in cookies:
+            self.send_header("Set-Cookie", cookie)
+        if then:
+            self.send_header("Location", then)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
     def _route(self, path: str, query: dict[str, list[str]]) -> None:
         up = self.upstream
         if match := re.fullmatch(r"/(photos|edge)/([A-Za-z0-9_.-]+)", path):
@@ -168,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
 
             body = gzip.compress((up.corpus / match.group(1) / match.group(2)).read_bytes())
             return self._send(200, body, extra={"Content-Encoding": "gzip"})
+        if path == "/set-cookies":
+            return self._set_cookies(query)
         if path == "/echo":
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
         if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):
@@ -178,6 +209,32 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
         return self._send(404, b"no such route", "text/plain")
+
+
+class Blackhole:
+    """A loopback address:port where connect() hangs, as on a dead route: a listener with
+    backlog 0 whose one queue place is taken, so Linux drops every further SYN."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, port))
+        self.listener.listen(0)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.fillers: list[socket.socket] = []
+        for _ in range(8):  # bounded: the queue is full after one or two
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.2)
+            self.fillers.append(filler)
+            try:
+                filler.connect((self.host, self.port))
+            except TimeoutError:
+                return  # this SYN was dropped: so will every later one be
+        self.close()
+        raise RuntimeError(f"could not fill the accept queue of {self.host}:{self.port}")
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.listener):
+            sock.close()
 
 
 if __name__ == "__main__":

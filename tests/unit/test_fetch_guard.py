@@ -2,7 +2,8 @@
 
 A stub resolver stands in for DNS, and `socket.socket.connect` is wrapped so every connect
 attempt is recorded and any target outside loopback is refused before the real connect runs:
-even a guard bug could not open a connection off this machine.
+even a guard bug could not open a connection off this machine. A dead address is a loopback
+one where nothing listens (refused) or a `Blackhole` (connect hangs, as on a dead route).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from urllib.parse import quote
 
 import pytest
 
-from app.errors import LoopDetected, SourceNotAllowed, UpstreamFailed
-from app.fetch import Fetcher
+from app.errors import LoopDetected, SourceNotAllowed, UpstreamFailed, UpstreamTimeout
+from app.fetch import ATTEMPT_CAP, ATTEMPT_FLOOR, Fetcher, attempt_budget
 from app.guard import AddressPolicy, IPAddress, URLPolicy, parse_source_url
+from tests.upstream import Blackhole
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"),)
 PHOTO = "photos/waterfall_1800x1200.jpg"
@@ -240,3 +242,78 @@ def test_redirect_back_at_this_service_is_a_loop(fetchers):
     policy = URLPolicy(self_origins=frozenset({"127.0.0.1:8000"}))
     with pytest.raises(LoopDetected):
         fetcher._next_hop(parse_source_url("http://img.test/a.jpg"), "http://127.1:8000/image?url=x", policy)
+
+
+# -- each resolved address tried in turn, within the one deadline ---------------------------
+
+LOOPBACK_8 = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@pytest.fixture
+def blackholes(upstream) -> Iterator[Callable[[str], Blackhole]]:
+    made: list[Blackhole] = []
+
+    def make(host: str) -> Blackhole:
+        made.append(Blackhole(host, upstream.port))
+        return made[-1]
+
+    yield make
+    for hole in made:
+        hole.close()
+
+
+@pytest.mark.parametrize(
+    ("remaining", "left", "budget"),
+    [
+        (20.0, 1, 20.0),
+        (20.0, 2, ATTEMPT_CAP),
+        (4.0, 2, 2.0),
+        (2.0, 8, ATTEMPT_FLOOR),
+        (0.3, 2, 0.3),
+        (0.3, 1, 0.3),
+    ],
+    ids=["last-gets-all", "capped", "fair-share", "floor", "never-past-deadline", "last-with-little-left"],
+)
+def test_each_connect_attempt_gets_a_bounded_share_of_the_time_left(remaining, left, budget):
+    assert attempt_budget(remaining, left) == pytest.approx(budget)
+
+
+def test_a_blackholed_first_address_falls_through_to_the_next_within_the_deadline(
+    connections, fetchers, upstream, corpus, blackholes
+):
+    blackholes("127.0.0.3")
+    connections.attempts.clear()
+    resolver = StubResolver({"dual.test": ["127.0.0.3", "127.0.0.1"]})
+    source = fetch(fetchers, resolver, f"http://dual.test:{upstream.port}/{PHOTO}", allow_networks=LOOPBACK_8)
+    assert source.body == (corpus / PHOTO).read_bytes()
+    assert connections.attempts == [("127.0.0.3", upstream.port), ("127.0.0.1", upstream.port)]
+    print(f"fetched in {source.fetch_seconds:.2f} s of the 3 s deadline via the second address")
+
+
+@pytest.mark.parametrize("dead", ["127.0.0.2", "::1"], ids=["refused-v4", "refused-v6-first"])
+def test_a_refusing_first_address_falls_through_to_the_next(connections, fetchers, upstream, corpus, dead):
+    resolver = StubResolver({"dual.test": [dead, "127.0.0.1"]})
+    source = fetch(fetchers, resolver, f"http://dual.test:{upstream.port}/{PHOTO}", allow_networks=LOOPBACK_8)
+    assert source.body == (corpus / PHOTO).read_bytes()
+    assert connections.attempts == [(dead, upstream.port), ("127.0.0.1", upstream.port)]
+
+
+def test_when_every_address_hangs_each_is_tried_and_the_answer_is_a_timeout(
+    connections, fetchers, upstream, blackholes
+):
+    blackholes("127.0.0.3")
+    blackholes("127.0.0.4")
+    connections.attempts.clear()
+    resolver = StubResolver({"dual.test": ["127.0.0.3", "127.0.0.4"]})
+    with pytest.raises(UpstreamTimeout):
+        fetch(fetchers, resolver, f"http://dual.test:{upstream.port}/{PHOTO}", allow_networks=LOOPBACK_8)
+    assert connections.attempts == [("127.0.0.3", upstream.port), ("127.0.0.4", upstream.port)]
+
+
+def test_a_hanging_address_then_a_refusing_one_is_a_502_not_a_timeout(connections, fetchers, upstream, blackholes):
+    blackholes("127.0.0.3")
+    connections.attempts.clear()
+    resolver = StubResolver({"dual.test": ["127.0.0.3", "127.0.0.2"]})
+    with pytest.raises(UpstreamFailed, match="cannot connect"):
+        fetch(fetchers, resolver, f"http://dual.test:{upstream.port}/{PHOTO}", allow_networks=LOOPBACK_8)
+    assert connections.attempts == [("127.0.0.3", upstream.port), ("127.0.0.2", upstream.port)]

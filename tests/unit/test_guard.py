@@ -39,6 +39,7 @@ STUB_DNS: dict[str, list[str]] = {
     "mixed.test": ["93.184.215.14", "192.168.1.10"],
     "mixed6.test": ["2606:2800:21f:cb07:6820:80da:af6b:8b2c", "fd00::1"],
     "mapped.test": ["::ffff:127.0.0.1"],
+    "translated.test": ["::ffff:0:10.0.0.1"],
     "localhost": ["127.0.0.1", "::1"],
     "good": ["93.184.215.14"],
     "evil": ["10.0.0.1"],
@@ -144,6 +145,12 @@ ADDRESSES: list[tuple[str, bool, str]] = [
     ("64:ff9b::a00:1", False, "nat64-rfc1918"),
     ("64:ff9b::a9fe:a9fe", False, "nat64-metadata"),
     ("64:ff9b:1::a00:1", False, "nat64-local-use"),
+    ("::ffff:0:127.0.0.1", False, "translated-loopback"),
+    ("::ffff:0:7f00:1", False, "translated-loopback-hex"),
+    ("0:0:0:0:ffff:0:a00:1", False, "translated-rfc1918-long"),
+    ("::ffff:0:169.254.169.254", False, "translated-metadata"),
+    ("::ffff:0:100.64.0.1", False, "translated-cgnat"),
+    ("::ffff:0:0.0.0.0", False, "translated-unspecified"),
     ("2002:7f00:1::", False, "6to4-loopback"),
     ("2002:a00:1::1", False, "6to4-rfc1918"),
     ("2002:c0a8:101::1", False, "6to4-192.168"),
@@ -162,6 +169,7 @@ ADDRESSES: list[tuple[str, bool, str]] = [
     ("::ffff:8.8.8.8", True, "mapped-public"),
     ("64:ff9b::808:808", True, "nat64-public"),
     ("2002:808:808::1", True, "6to4-public"),
+    ("::ffff:0:8.8.8.8", True, "translated-public"),
 ]
 
 
@@ -192,10 +200,11 @@ def test_the_address_tables_are_large_enough():
     [
         ("::ffff:127.0.0.1", "127.0.0.1"),
         ("64:ff9b::a00:1", "10.0.0.1"),
+        ("::ffff:0:a00:1", "10.0.0.1"),
         ("2002:c0a8:101::1", "192.168.1.1"),
         ("2001:db8::1", "2001:db8::1"),
     ],
-    ids=["mapped", "nat64", "6to4", "plain-v6-stays"],
+    ids=["mapped", "nat64", "translated", "6to4", "plain-v6-stays"],
 )
 def test_ipv6_forms_of_ipv4_collapse_to_the_ipv4_address(mapped, inner):
     assert canonical(ipaddress.ip_address(mapped)) == ipaddress.ip_address(inner)
@@ -316,6 +325,10 @@ URL_CASES: list[tuple[str, str, str | None, str]] = [
     ("http://[::ffff:7f00:1]/", "SourceNotAllowed", "http://127.0.0.1/", "mapped-hex"),
     ("http://[0:0:0:0:0:ffff:7f00:1]/", "SourceNotAllowed", "http://127.0.0.1/", "mapped-long"),
     ("http://[64:ff9b::a9fe:a9fe]/", "SourceNotAllowed", "http://169.254.169.254/", "nat64-metadata"),
+    ("http://[::ffff:0:127.0.0.1]/", "SourceNotAllowed", "http://127.0.0.1/", "translated-loopback"),
+    ("http://[::ffff:0:a9fe:a9fe]/", "SourceNotAllowed", "http://169.254.169.254/", "translated-metadata"),
+    ("http://translated.test/", "SourceNotAllowed", "http://10.0.0.1/", "name-to-translated-rfc1918"),
+    ("http://[::ffff:0:5db8:d70e]/", ALLOW, "http://93.184.215.14/", "translated-public"),
     ("http://[::1]/", "SourceNotAllowed", None, "v6-loopback"),
     ("http://[::]/", "SourceNotAllowed", None, "v6-unspecified"),
     ("http://0/", "SourceNotAllowed", "http://0.0.0.0/", "zero"),
