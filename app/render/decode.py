@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from PIL import Image, ImageSequence
@@ -9,10 +10,13 @@ from PIL import Image, ImageSequence
 from app.errors import BadSource, SourceTooLarge
 from app.render.canvas import Canvas, Frame, RenderOptions
 
-#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale but stops at twice the target, and the
-#: resize gets draft's box: the 2x margin and the box keep LANCZOS quality (SSIM 0.9993
-#: against a full decode at w=640, where drafting to 1x costs 0.015; see the quality anchors).
-DRAFT_MARGIN = 2
+#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale, the smallest that leaves at least this many
+#: times the target for LANCZOS, and the resize gets draft's box. Per output format, because
+#: the draft's cost weighs differently (notes/perf.md, "Draft margin"; 9 photos, q75, w=640):
+#: WebP's encode is cheap, so 1.25 (mean SSIM 0.9558 for 59 CPU ms/img at method 4, against
+#: 0.9598 / 68 at 2 and 0.9530 / 52 at 1); AVIF's encode dominates its time, so 2 keeps the
+#: quality that buys its bytes (the quality map is measured at 2).
+DRAFT_MARGIN: dict[str, float] = {"webp": 1.25, "avif": 2.0}
 
 
 def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
@@ -21,7 +25,8 @@ def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
     box = None
     if canvas.source_format == "jpeg" and canvas.stored_target_size != canvas.source_size:
         tw, th = canvas.stored_target_size
-        drafted = image.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
+        margin = DRAFT_MARGIN[options.format]
+        drafted = image.draft(None, (math.ceil(tw * margin), math.ceil(th * margin)))
         if drafted is not None:
             box = drafted[1]
     canvas.draft_box = box
