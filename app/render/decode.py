@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from PIL import Image, ImageSequence
@@ -10,13 +9,28 @@ from PIL import Image, ImageSequence
 from app.errors import BadSource, SourceTooLarge
 from app.render.canvas import Canvas, Frame, RenderOptions
 
-#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale, the smallest that leaves at least this many
-#: times the target for LANCZOS, and the resize gets draft's box. Per output format, because
-#: the draft's cost weighs differently (notes/perf.md, "Draft margin"; 9 photos, q75, w=640):
-#: WebP's encode is cheap, so 1.25 (mean SSIM 0.9558 for 59 CPU ms/img at method 4, against
-#: 0.9598 / 68 at 2 and 0.9530 / 52 at 1); AVIF's encode dominates its time, so 2 keeps the
-#: quality that buys its bytes (the quality map is measured at 2).
-DRAFT_MARGIN: dict[str, float] = {"webp": 1.25, "avif": 2.0}
+#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale: the smallest scale whose image is still at
+#: least `margin` times the target, and the resize gets draft's box. The margin depends on the
+#: output format and on the scale (notes/perf.md, "Draft margin"; 9 photos, q75):
+#: - WebP, whose encode is cheap: 1.25 at 1/4 and 1/8, where libjpeg's scaled IDCT is soft
+#:   and LANCZOS must do part of the reduction (w=640: SSIM 0.9535 against 0.9509 at 1);
+#:   1 at 1/2, whose IDCT is nearly exact (w=1920: SSIM -0.0005 for 0.9x the CPU, as a 10 MP
+#:   source 1936 px wide is no longer decoded in full for a 1920 px output).
+#: - AVIF, whose encode dominates its time: 2 at every scale, the quality that buys its bytes
+#:   (the AVIF quality map is measured with it).
+DRAFT_MARGIN: dict[str, dict[int, float]] = {
+    "webp": {8: 1.25, 4: 1.25, 2: 1.0},
+    "avif": {8: 2.0, 4: 2.0, 2: 2.0},
+}
+
+
+def draft_scale(source: tuple[int, int], target: tuple[int, int], margins: dict[int, float]) -> int:
+    """The largest DCT scale divisor (8, 4, 2; 1 = no draft) leaving `margins[scale]` x the target."""
+    for scale in (8, 4, 2):
+        margin = margins[scale]
+        if source[0] / scale >= target[0] * margin and source[1] / scale >= target[1] * margin:
+            return scale
+    return 1
 
 
 def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
@@ -24,11 +38,14 @@ def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
     assert image is not None
     box = None
     if canvas.source_format == "jpeg" and canvas.stored_target_size != canvas.source_size:
-        tw, th = canvas.stored_target_size
-        margin = DRAFT_MARGIN[options.format]
-        drafted = image.draft(None, (math.ceil(tw * margin), math.ceil(th * margin)))
-        if drafted is not None:
-            box = drafted[1]
+        scale = draft_scale(canvas.source_size, canvas.stored_target_size, DRAFT_MARGIN[options.format])
+        if scale > 1:
+            # Pillow picks the largest scale <= source // requested, so asking for exactly the
+            # scaled size selects `scale`.
+            sw, sh = canvas.source_size
+            drafted = image.draft(None, (sw // scale, sh // scale))
+            if drafted is not None:
+                box = drafted[1]
     canvas.draft_box = box
     canvas.frames = _frames(canvas, image, options.max_pixels)
 

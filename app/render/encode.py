@@ -43,7 +43,10 @@ class EncoderSettings:
 # would bury the access log; SVT_LOG=1 keeps its errors. Read at each encoder start.
 os.environ.setdefault("SVT_LOG", "1")
 
-ENCODER = EncoderSettings()
+#: SVT-AV1 speed 7 at 4:2:0 with tune 3 (SVT's still-image "IQ" tune): at equal quality 0.80-0.88x
+#: the bytes of its default PSNR tune by SSIMULACRA2, the same by luma SSIM, at the same CPU; aom
+#: at 4:4:4 needs 1.4-2x the CPU to do as well (notes/perf.md, "AVIF encoder").
+ENCODER = EncoderSettings(avif_advanced=(("tune", "3"),))
 
 #: SVT-AV1 4.1 (through libavif) hangs, never returning, on a side of 24 px or less when the
 #: other side is long (17x300, 300x24), and refuses sides under 4 px, widths over 16384 and
@@ -55,16 +58,17 @@ SVT_MAX_WIDTH, SVT_MAX_HEIGHT = 16384, 8704
 WEBP_METHOD, AVIF_SPEED, AVIF_CODEC = ENCODER.webp_method, ENCODER.avif_speed, ENCODER.avif_codec
 
 #: (webp q, avif encoder quality) pairs with equal mean luma SSIM on the 9-photo corpus at
-#: w=640 and w=1920 (`python -m bench.quality_map`; README, "Quality"); linear in between.
+#: w=640 and w=1920 (`python -m bench.quality_map`, 2026-12-01 with SVT tune 3 and WebP method 2
+#: up to 1 MP; notes/perf.md); linear in between.
 #: 50..95 are measured; 1 and 100 are the ends of the scale, not measurements.
 AVIF_QUALITY_MAP: tuple[tuple[int, int], ...] = (
     (1, 1),
-    (50, 49),
-    (65, 54),
-    (75, 57),
-    (85, 74),
-    (90, 82),
-    (95, 90),
+    (50, 41),
+    (65, 46),
+    (75, 50),
+    (85, 60),
+    (90, 73),
+    (95, 83),
     (100, 100),
 )
 
