@@ -68,6 +68,24 @@ TARGET_RATIO = 1.25  # issue 6: c4 miss throughput at least 1.25x each peer
 BYTES_SLACK, SSIM_SLACK = 1.05, 0.002  # issue 6: bytes at most +5 %, SSIM at least theirs - 0.002
 
 
+#: --target limit: width -> {"ssim", "s2"} of the limit's recorded WebP q75 (issue 16's targets,
+#: the ones ../shared/bench/quality.sh uses); None: our own WebP q75 method 4 (issue 6's).
+TARGETS: dict[int, dict[str, float | None]] | None = None
+
+
+def target_of(summary: dict[tuple[str, int, int], dict[str, Any]], w: int) -> dict[str, Any]:
+    return TARGETS[w] if TARGETS is not None else summary[(f"webp m{REFERENCE_METHOD}", w, WEBP_Q)]
+
+
+def limit_targets(quality_lib: ModuleType, widths: Sequence[int]) -> dict[int, dict[str, float | None]]:
+    summary, _ = quality_lib.summarize(quality_lib.load_rows([str(QUALITY_ANCHORS / "limit.jsonl")]))
+    out = {}
+    for w in widths:
+        row = next(v for (p, ww, f, q), v in summary.items() if (p, ww, f, q) == ("limit-pillow", w, "webp", WEBP_Q))
+        out[w] = dict(ssim=row["ssim"], s2=row.get("s2"))
+    return out
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -78,16 +96,45 @@ class Candidate:
     def output_key(self) -> str:
         """Candidates that produce the same bytes (they differ only in threads) share one score."""
         s = self.settings
-        return f"webp m{s.webp_method}" if self.fmt == "webp" else f"{s.avif_codec} s{s.avif_speed}"
+        if self.fmt == "webp":
+            return f"webp m{s.webp_method}"
+        extra = "".join(f" {k}={v}" for k, v in s.avif_advanced)
+        chroma = "" if s.avif_subsampling == "4:2:0" else f" {s.avif_subsampling}"
+        return f"{s.avif_codec} s{s.avif_speed}{chroma}{extra}"
 
 
 def candidates(only: Sequence[str]) -> list[Candidate]:
-    found = [Candidate(f"webp m{m}", "webp", EncoderSettings(webp_method=m)) for m in (2, 3, 4, 5, 6)]
+    # webp_small_pixels=0: the method under test serves every output size.
+    found = [
+        Candidate(f"webp m{m}", "webp", EncoderSettings(webp_method=m, webp_small_pixels=0)) for m in (2, 3, 4, 5, 6)
+    ]
     for codec, speeds in (("aom", (6, 7, 8, 9)), ("svt", (6, 7, 8, 10))):
         for speed, threads in itertools.product(speeds, (1, 2)):
             settings = EncoderSettings(avif_codec=codec, avif_speed=speed, avif_max_threads=threads)
             found.append(Candidate(f"{codec} s{speed} t{threads}", "avif", settings))
+    # Issue 16: chroma and tuning. aom's default through libavif 1.4 is already tune=iq (the bytes
+    # match); SVT-AV1 takes only 4:2:0 ("Only support 420 now").
+    for name, codec, speed, chroma, advanced in TUNED:
+        settings = EncoderSettings(
+            avif_codec=codec, avif_speed=speed, avif_subsampling=chroma, avif_advanced=advanced, avif_max_threads=2
+        )
+        found.append(Candidate(name, "avif", settings))
     return [c for c in found if not only or any(c.name.startswith(o) for o in only)]
+
+
+TUNED: tuple[tuple[str, str, int, str, tuple[tuple[str, str], ...]], ...] = (
+    ("svt s7 tune3 t2", "svt", 7, "4:2:0", (("tune", "3"),)),
+    ("svt s7 tune4 t2", "svt", 7, "4:2:0", (("tune", "4"),)),
+    ("svt s6 tune4 t2", "svt", 6, "4:2:0", (("tune", "4"),)),
+    ("svt s8 tune4 t2", "svt", 8, "4:2:0", (("tune", "4"),)),
+    ("aom s6 444 t2", "aom", 6, "4:4:4", ()),
+    ("aom s7 444 t2", "aom", 7, "4:4:4", ()),
+    ("aom s8 444 t2", "aom", 8, "4:4:4", ()),
+    ("aom s9 444 t2", "aom", 9, "4:4:4", ()),
+    ("aom s8 444 ssimulacra2 t2", "aom", 8, "4:4:4", (("tune", "ssimulacra2"),)),
+    ("aom s8 444 sharpness2 t2", "aom", 8, "4:4:4", (("sharpness", "2"),)),
+    ("aom s8 444 deltaq3 t2", "aom", 8, "4:4:4", (("deltaq-mode", "3"),)),
+)
 
 
 # --------------------------------------------------------------------------- work in any process
@@ -187,7 +234,7 @@ def measure_quality(
             pending: dict[int, list[tuple[str, EncoderSettings, str, int]]] = {w: [] for w in widths}
             for w, (k, c) in itertools.product(widths, avif.items()):
                 for metric in METRICS:
-                    target = summary[(f"webp m{REFERENCE_METHOD}", w, WEBP_Q)][metric]
+                    target = target_of(summary, w)[metric]
                     tried = metric_points(summary, k, w, metric)
                     if target is None or not tried or interpolate(tried, target) is not None:
                         continue
@@ -224,7 +271,7 @@ def matches(rows: Sequence[dict[str, Any]], widths: Sequence[int]) -> dict[str, 
             found.setdefault(key, {})[w] = dict(q=q, kb=v["kb"], ssim=v["ssim"], s2=v["s2"], q_s2=None, kb_s2=None)
     for key in sorted({k for k, _, _ in summary if not k.startswith("webp")}):
         for w in widths:
-            target = summary[(f"webp m{REFERENCE_METHOD}", w, WEBP_Q)]
+            target = target_of(summary, w)
             hit = interpolate(metric_points(summary, key, w, "ssim"), target["ssim"])
             s2_points = metric_points(summary, key, w, "s2")
             hit_s2 = interpolate(s2_points, target["s2"]) if target["s2"] is not None else None
@@ -342,10 +389,11 @@ def report(
     cores = os.cpu_count() or 1  # img/s that many cores reach when nothing else runs: a contention-free bound
     lines: list[str] = []
     for w in widths:
-        ref = found[f"webp m{REFERENCE_METHOD}"][w]
+        ref = TARGETS[w] if TARGETS is not None else found[f"webp m{REFERENCE_METHOD}"][w]
         s2_target = f"{ref['s2']:.2f}" if ref["s2"] is not None else "not scored"
+        whose = "the limit's recorded" if TARGETS is not None else "our"
         lines += [
-            f"### w={w}: quality, against our WebP q{WEBP_Q} method {REFERENCE_METHOD}: SSIM {ref['ssim']:.4f}, "
+            f"### w={w}: quality, against {whose} WebP q{WEBP_Q} method {REFERENCE_METHOD}: SSIM {ref['ssim']:.4f}, "
             f"SSIMULACRA2 {s2_target}",
             "",
             "WebP rows: at q75, the ratios against the peers' WebP q75. AVIF rows: the encoder quality (q) and KB "
@@ -448,14 +496,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also score SSIMULACRA2 at these widths, e.g. 640 (needs the ssimulacra2 package; ~0.5 s per "
         "640 px image, ~3 s at 1920)",
     )
+    parser.add_argument(
+        "--target",
+        choices=("ours", "limit"),
+        default="ours",
+        help="the quality AVIF is matched to: our WebP q75 (issue 6) or the limit's recorded WebP q75 (issue 16)",
+    )
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--reuse-speed", action="store_true", help="take the speed phase from the --scores file too")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--out", help="also write the tables here")
     args = parser.parse_args(argv)
-    global QUALITY_LIB
+    global QUALITY_LIB, TARGETS
     QUALITY_LIB = load_quality_lib()
     widths = [int(w) for w in args.widths.split(",")]
+    if args.target == "limit":
+        TARGETS = limit_targets(QUALITY_LIB, widths)
     cands = candidates([o.strip() for o in args.only.split(",") if o.strip()])
     # Largest sources first: the pools then end on short jobs, so the tail with idle workers is short.
     photos = sorted(photo_names([]), key=source_pixels, reverse=True)
@@ -468,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rows = measure_quality(cands, photos, widths, args.jobs, [int(w) for w in args.ssimulacra2.split(",") if w])
     found = matches(rows, widths)
-    anchors = peer_anchors(QUALITY_LIB, {w: found[f"webp m{REFERENCE_METHOD}"][w] for w in widths})
+    anchors = peer_anchors(QUALITY_LIB, {w: target_of(summarize_scores(rows), w) for w in widths})
     qualities = {}
     for c in cands:
         per_width = [found[c.output_key][w]["q"] for w in widths]

@@ -108,7 +108,9 @@ def report(
     groups = {f"w={w}": [w] for w in widths}
     groups["combined"] = list(widths)
     lines = [
-        f"AVIF codec={encode.AVIF_CODEC} speed={encode.AVIF_SPEED}; WebP method={encode.WEBP_METHOD}",
+        f"AVIF codec={encode.AVIF_CODEC} speed={encode.AVIF_SPEED} subsampling={encode.ENCODER.avif_subsampling} "
+        f"options={dict(encode.ENCODER.avif_advanced)}; WebP method={encode.WEBP_METHOD} "
+        f"({encode.ENCODER.webp_method_small} up to {encode.ENCODER.webp_small_pixels / 1e6:g} MP)",
         "",
         "Mean luma SSIM per quality:",
         "| group | fmt | " + " | ".join(f"q{q}" for q in columns) + " |",

@@ -14,7 +14,7 @@ from app.guard import SourceURL, URLPolicy, parse_source_url
 from app.settings import Settings
 
 #: Bumped whenever a change to rendering changes output bytes, so old cache entries retire.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 
 OutputFormat = Literal["webp", "avif"]
 CONTENT_TYPES: dict[str, str] = {"webp": "image/webp", "avif": "image/avif"}

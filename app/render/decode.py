@@ -9,10 +9,28 @@ from PIL import Image, ImageSequence
 from app.errors import BadSource, SourceTooLarge
 from app.render.canvas import Canvas, Frame, RenderOptions
 
-#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale but stops at twice the target, and the
-#: resize gets draft's box: the 2x margin and the box keep LANCZOS quality (SSIM 0.9993
-#: against a full decode at w=640, where drafting to 1x costs 0.015; see the quality anchors).
-DRAFT_MARGIN = 2
+#: JPEG draft decodes at 1/2, 1/4 or 1/8 scale: the smallest scale whose image is still at
+#: least `margin` times the target, and the resize gets draft's box. The margin depends on the
+#: output format and on the scale (notes/perf.md, "Draft margin"; 9 photos, q75):
+#: - WebP, whose encode is cheap: 1.25 at 1/4 and 1/8, where libjpeg's scaled IDCT is soft
+#:   and LANCZOS must do part of the reduction (w=640: SSIM 0.9535 against 0.9509 at 1);
+#:   1 at 1/2, whose IDCT is nearly exact (w=1920: SSIM -0.0005 for 0.9x the CPU, as a 10 MP
+#:   source 1936 px wide is no longer decoded in full for a 1920 px output).
+#: - AVIF, whose encode dominates its time: 2 at every scale, the quality that buys its bytes
+#:   (the AVIF quality map is measured with it).
+DRAFT_MARGIN: dict[str, dict[int, float]] = {
+    "webp": {8: 1.25, 4: 1.25, 2: 1.0},
+    "avif": {8: 2.0, 4: 2.0, 2: 2.0},
+}
+
+
+def draft_scale(source: tuple[int, int], target: tuple[int, int], margins: dict[int, float]) -> int:
+    """The largest DCT scale divisor (8, 4, 2; 1 = no draft) leaving `margins[scale]` x the target."""
+    for scale in (8, 4, 2):
+        margin = margins[scale]
+        if source[0] / scale >= target[0] * margin and source[1] / scale >= target[1] * margin:
+            return scale
+    return 1
 
 
 def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
@@ -20,10 +38,14 @@ def decode_reduced(canvas: Canvas, options: RenderOptions) -> None:
     assert image is not None
     box = None
     if canvas.source_format == "jpeg" and canvas.stored_target_size != canvas.source_size:
-        tw, th = canvas.stored_target_size
-        drafted = image.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
-        if drafted is not None:
-            box = drafted[1]
+        scale = draft_scale(canvas.source_size, canvas.stored_target_size, DRAFT_MARGIN[options.format])
+        if scale > 1:
+            # Pillow picks the largest scale <= source // requested, so asking for exactly the
+            # scaled size selects `scale`.
+            sw, sh = canvas.source_size
+            drafted = image.draft(None, (sw // scale, sh // scale))
+            if drafted is not None:
+                box = drafted[1]
     canvas.draft_box = box
     canvas.frames = _frames(canvas, image, options.max_pixels)
 

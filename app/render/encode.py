@@ -22,20 +22,31 @@ from app.render.canvas import Canvas, Frame, RenderOptions
 class EncoderSettings:
     """The encoder knobs that trade CPU for bytes; bench/encoder_sweep.py measures candidates."""
 
+    # libwebp's method 2 skips the trellis/RD passes of 3 and 4: 0.55-0.7x the render CPU for
+    # +4 % bytes at equal SSIM on small outputs (where draft's box gives SSIM to spare) but +10 %
+    # at w=1920, so outputs over webp_small_pixels keep method 4 (notes/perf.md, "WebP method").
     webp_method: int = 4
+    webp_method_small: int = 2
+    webp_small_pixels: int = 1_000_000
     avif_codec: str = "svt"  # pillow-avif-plugin names: aom, svt, rav1e
     avif_speed: int = 7
     avif_subsampling: str = "4:2:0"
     # Two halve one render's latency at no CPU cost; the plugin's default (the CPU count) would
     # oversubscribe a many-core machine that already runs one render per core.
     avif_max_threads: int | None = 2
+    # Codec-specific options (libavif's "advanced" key/values) for avif_codec only: the small-image
+    # fallback to aom gets none, since a key one codec knows makes the other refuse the encode.
+    avif_advanced: tuple[tuple[str, str], ...] = ()
 
 
 # SVT-AV1 prints ~25 lines of banner and config to stderr for every image it encodes, which
 # would bury the access log; SVT_LOG=1 keeps its errors. Read at each encoder start.
 os.environ.setdefault("SVT_LOG", "1")
 
-ENCODER = EncoderSettings()
+#: SVT-AV1 speed 7 at 4:2:0 with tune 3 (SVT's still-image "IQ" tune): at equal quality 0.80-0.88x
+#: the bytes of its default PSNR tune by SSIMULACRA2, the same by luma SSIM, at the same CPU; aom
+#: at 4:4:4 needs 1.4-2x the CPU to do as well (notes/perf.md, "AVIF encoder").
+ENCODER = EncoderSettings(avif_advanced=(("tune", "3"),))
 
 #: SVT-AV1 4.1 (through libavif) hangs, never returning, on a side of 24 px or less when the
 #: other side is long (17x300, 300x24), and refuses sides under 4 px, widths over 16384 and
@@ -47,16 +58,17 @@ SVT_MAX_WIDTH, SVT_MAX_HEIGHT = 16384, 8704
 WEBP_METHOD, AVIF_SPEED, AVIF_CODEC = ENCODER.webp_method, ENCODER.avif_speed, ENCODER.avif_codec
 
 #: (webp q, avif encoder quality) pairs with equal mean luma SSIM on the 9-photo corpus at
-#: w=640 and w=1920 (`python -m bench.quality_map`; README, "Quality"); linear in between.
+#: w=640 and w=1920 (`python -m bench.quality_map`, 2026-12-01 with SVT tune 3 and WebP method 2
+#: up to 1 MP; notes/perf.md); linear in between.
 #: 50..95 are measured; 1 and 100 are the ends of the scale, not measurements.
 AVIF_QUALITY_MAP: tuple[tuple[int, int], ...] = (
     (1, 1),
-    (50, 49),
-    (65, 54),
-    (75, 57),
-    (85, 74),
-    (90, 82),
-    (95, 90),
+    (50, 41),
+    (65, 46),
+    (75, 50),
+    (85, 60),
+    (90, 73),
+    (95, 83),
     (100, 100),
 )
 
@@ -72,13 +84,19 @@ def avif_quality(q: int) -> int:
     return round(y0 + (y1 - y0) * (q - x0) / (x1 - x0))
 
 
-def encoder_arguments(fmt: str, quality: int, settings: EncoderSettings | None = None) -> dict[str, Any]:
+def encoder_arguments(
+    fmt: str, quality: int, settings: EncoderSettings | None = None, pixels: int = 0
+) -> dict[str, Any]:
+    """Pillow save() arguments; `pixels` is the output's width x height (0: unknown, taken as large)."""
     settings = settings or ENCODER  # looked up per call, so a benchmark can swap ENCODER
     # Explicit empty metadata: both plugins otherwise copy EXIF/XMP/ICC from image.info.
     empty: dict[str, Any] = {"exif": b"", "xmp": b"", "icc_profile": b""}
     if fmt == "webp":
-        return {"format": "WEBP", "quality": quality, "method": settings.webp_method, **empty}
+        small = 0 < pixels <= settings.webp_small_pixels
+        method = settings.webp_method_small if small else settings.webp_method
+        return {"format": "WEBP", "quality": quality, "method": method, **empty}
     threads = {} if settings.avif_max_threads is None else {"max_threads": settings.avif_max_threads}
+    advanced = {"advanced": dict(settings.avif_advanced)} if settings.avif_advanced else {}
     return {
         "format": "AVIF",
         "quality": avif_quality(quality),
@@ -86,6 +104,7 @@ def encoder_arguments(fmt: str, quality: int, settings: EncoderSettings | None =
         "codec": settings.avif_codec,
         "subsampling": settings.avif_subsampling,
         **threads,
+        **advanced,
         **empty,
     }
 
@@ -95,9 +114,10 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
     if not frames:
         raise BadSource("the source has no frames")
     first = frames[0].image
-    arguments = encoder_arguments(options.format, options.quality)
+    arguments = encoder_arguments(options.format, options.quality, pixels=first.width * first.height)
     if arguments.get("codec") == "svt" and not svt_can_encode(*first.size):
         arguments["codec"] = "aom"
+        arguments.pop("advanced", None)
     if canvas.animated and len(frames) > 1:
         arguments.update(
             save_all=True,

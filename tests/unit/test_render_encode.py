@@ -82,3 +82,42 @@ def test_thin_images_encode_to_avif_without_hanging(size):
     out = render(buffer.getvalue(), RenderOptions(width=0, quality=75, format="avif"))
     assert (out.width, out.height) == size
     assert Image.open(io.BytesIO(out.body)).size == size
+
+
+# -- encoder choices by output size and codec (issue 16) -----------------------------------
+
+
+def test_webp_method_is_the_cheap_one_up_to_the_small_size_and_the_thorough_one_above():
+    from app.render.encode import ENCODER
+
+    small = encoder_arguments("webp", 75, pixels=640 * 427)
+    large = encoder_arguments("webp", 75, pixels=1920 * 1280)
+    unknown = encoder_arguments("webp", 75)
+    assert small["method"] == ENCODER.webp_method_small != ENCODER.webp_method
+    assert large["method"] == unknown["method"] == ENCODER.webp_method
+
+
+def test_avif_codec_options_reach_the_encoder_and_change_its_output():
+    from app.render.encode import EncoderSettings
+
+    tuned = EncoderSettings(avif_advanced=(("tune", "3"),))
+    arguments = encoder_arguments("avif", 75, tuned)
+    assert arguments["advanced"] == {"tune": "3"}
+    image = Image.radial_gradient("L").convert("RGB").resize((128, 128))
+    bodies = []
+    for settings in (tuned, EncoderSettings()):
+        buffer = io.BytesIO()
+        image.save(buffer, **encoder_arguments("avif", 75, settings))
+        bodies.append(buffer.getvalue())
+    assert bodies[0] != bodies[1]
+
+
+def test_small_image_fallback_to_aom_drops_the_svt_only_options():
+    from app.render import RenderOptions, render
+    from app.render.encode import ENCODER
+
+    assert ENCODER.avif_codec == "svt" and ENCODER.avif_advanced  # else this test proves nothing
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, "PNG")
+    rendered = render(buffer.getvalue(), RenderOptions(width=0, quality=75, format="avif"))
+    assert Image.open(io.BytesIO(rendered.body)).size == (40, 30)
