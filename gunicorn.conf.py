@@ -15,18 +15,27 @@ even when every upstream trickles. Threads are cheap here (a parked thread is a 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import sys
 import tempfile
 
-# prometheus_client picks its multiprocess mode at import, and importing anything from
-# `app` imports it: the directory must exist before the first `from app ...` line.
+# prometheus_client picks its multiprocess mode when a worker imports it: the directory
+# must be in the environment the workers inherit. Set it before anything else, once (a HUP
+# re-runs this file in the same master, which keeps the directory and its counters).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-proxy-metrics-")
 
-from app import embedded_redis
-from app.settings import Settings, SettingsError, unknown_variables
+# The master imports only these two modules of the app (plus the standard library): no
+# Flask, Pillow, requests, redis or prometheus_client, and not app.factory. A HUP
+# (`systemctl reload`) re-runs this file and forks new workers, which then import the code
+# on disk; tests/unit/test_master_imports.py keeps it so. app.settings is dropped first so a
+# reload also parses the settings with the new code (a new version may add a setting).
+sys.modules.pop("app.settings", None)
+import app.embedded_redis as embedded_redis  # noqa: E402
+from app.settings import Settings, SettingsError, unknown_variables  # noqa: E402
 
 try:
     _settings = Settings.from_env(os.environ)
@@ -59,6 +68,10 @@ for _name in unknown_variables(os.environ):
     sys.stderr.write(f"image-proxy: warning: {_name} is not a setting this version reads (typo?)\n")
 
 bind = [_settings.bind]
+if _settings.metrics_bind:
+    # A second listener for /metrics and /healthz only (the app checks which one a request
+    # came in on), so the scrape port can be firewalled apart from the service port.
+    bind.append(_settings.metrics_bind)
 workers = _settings.workers
 threads = _settings.threads
 worker_class = "gthread"
@@ -89,10 +102,22 @@ def on_starting(server: object) -> None:
         )
 
 
-def child_exit(server: object, worker: object) -> None:
-    from prometheus_client import multiprocess
+def post_fork(server: object, worker: object) -> None:
+    # The fork copied the master's modules: drop the app's, so this worker imports the app
+    # package, its settings and everything else from disk as it is now (after an upgrade,
+    # the new version), not the copies the master loaded when it started.
+    for name in [name for name in sys.modules if name == "app" or name.startswith("app.")]:
+        del sys.modules[name]
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+def child_exit(server: object, worker: object) -> None:
+    # prometheus_client.multiprocess.mark_process_dead, by hand: importing the library here
+    # would load it into the master and so into every later worker, whatever is installed.
+    # It removes the dead worker's live-gauge files; counters and histograms stay summed.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    for path in glob.glob(os.path.join(directory, f"gauge_live*_{worker.pid}.db")):  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def on_exit(server: object) -> None:

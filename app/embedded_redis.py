@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -85,6 +83,10 @@ def start_embedded_redis(
     extra_args: tuple[str, ...] = (),
     ready_timeout: float = 15.0,
 ) -> EmbeddedRedis:
+    # Imported here, not at the top: the gunicorn master imports this module, and a library
+    # loaded in the master is inherited by every worker it forks, even after an upgrade.
+    import redis
+
     directory = tempfile.mkdtemp(prefix="image-proxy-redis-")
     os.chmod(directory, 0o700)
     socket_path = os.path.join(directory, "redis.sock")

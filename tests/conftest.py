@@ -16,8 +16,8 @@ import pytest
 import redis
 import requests
 
-from app import create_app
 from app.embedded_redis import EmbeddedRedis, start_embedded_redis
+from app.factory import create_app
 from app.settings import Settings
 from tests import processes
 from tests.upstream import Upstream, corpus_dir
