@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fuzz bench soak chaos clean venv
+.PHONY: run test lint fuzz bench soak chaos clean venv install
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,22 @@ soak: $(STAMP)
 chaos: $(STAMP)
 	bash scripts/install-test-packages.sh
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
+
+# Production install (notes/deploy.md, Install), run as root: runtime dependencies only
+# (requirements.txt and the package itself, built as a wheel, not editable; no test tools)
+# into $(PREFIX)/venv, plus gunicorn.conf.py and wsgi.py beside it. Everything is owned by
+# root and not writable by anyone else, so the service user can read and run the code but
+# never change it. Run it again for an upgrade, then `systemctl reload image-proxy`.
+PREFIX ?= /opt/image-proxy
+
+install:
+	@test "$$(id -u)" = 0 || { echo "make install: run as root (the service user must not own its code)" >&2; exit 1; }
+	umask 022; test -x $(PREFIX)/venv/bin/python || $(PYTHON) -m venv $(PREFIX)/venv
+	umask 022; $(PREFIX)/venv/bin/pip install -q --no-cache-dir -r requirements.txt
+	umask 022; $(PREFIX)/venv/bin/pip install -q --no-cache-dir --no-deps --force-reinstall .
+	install -m 0644 -o root -g root gunicorn.conf.py wsgi.py $(PREFIX)/
+	chown -R root:root $(PREFIX)
+	chmod -R go-w $(PREFIX)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

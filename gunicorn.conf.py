@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 
-# prometheus_client picks its multiprocess mode at import, and importing anything from
-# `app` imports it: the directory must exist before the first `from app ...` line.
+# prometheus_client picks its multiprocess mode when a worker imports it: the directory
+# must be in the environment the workers inherit. Set it before anything else, once (a HUP
+# re-runs this file in the same master, which keeps the directory and its counters).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-proxy-metrics-")
 
-from app import embedded_redis
-from app.settings import Settings, SettingsError, unknown_variables
+# The master imports only these two modules of the app (plus the standard library): no
+# Flask, Pillow, requests, redis or prometheus_client, and not app.factory. A HUP
+# (`systemctl reload`) re-runs this file and forks new workers, which then import the code
+# on disk; tests/unit/test_master_imports.py keeps it so. app.settings is dropped first so a
+# reload also parses the settings with the new code (a new version may add a setting).
+sys.modules.pop("app.settings", None)
+import app.embedded_redis as embedded_redis  # noqa: E402
+from app.settings import Settings, SettingsError, unknown_variables  # noqa: E402
 
 try:
     _settings = Settings.from_env(os.environ)
@@ -59,6 +67,10 @@ for _name in unknown_variables(os.environ):
     sys.stderr.write(f"image-proxy: warning: {_name} is not a setting this version reads (typo?)\n")
 
 bind = [_settings.bind]
+if _settings.metrics_bind:
+    # A second listener for /metrics and /healthz only (the app checks which one a request
+    # came in on), so the scrape port can be firewalled apart from the service port.
+    bind.append(_settings.metrics_bind)
 workers = _settings.workers
 threads = _settings.threads
 worker_class = "gthread"
@@ -107,15 +119,26 @@ def on_starting(server: object) -> None:
         )
 
 
+def post_fork(server: object, worker: object) -> None:
+    # The fork copied the master's modules: drop the app's, so this worker imports the app
+    # package, its settings and everything else from disk as it is now (after an upgrade,
+    # the new version), not the copies the master loaded when it started.
+    for name in [name for name in sys.modules if name == "app" or name.startswith("app.")]:
+        del sys.modules[name]
+
+
 def child_exit(server: object, worker: object) -> None:
     # Dead workers' metric files are folded into archives, so the directory stays bounded
-    # and counters never go backwards (app/metrics_cleanup.py). An exception here would
-    # stop the master's loop, so a failure is logged and the files wait for the next exit.
-    from app.metrics_cleanup import on_child_exit
-
+    # and counters never go backwards (app/metrics_cleanup.py). It runs as a short child
+    # process: importing prometheus_client here would load it into the master and so into
+    # every later worker, whatever version is installed then. gunicorn's reaper collects it.
+    live = [str(pid) for pid in server.WORKERS]  # type: ignore[attr-defined]
     try:
-        on_child_exit(worker.pid, list(server.WORKERS))  # type: ignore[attr-defined]
-    except Exception:
+        subprocess.Popen(
+            [sys.executable, "-m", "app.metrics_cleanup", str(worker.pid), *live],  # type: ignore[attr-defined]
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    except OSError:
         logging.getLogger("gunicorn.error").exception("could not archive metrics of worker %s", worker.pid)  # type: ignore[attr-defined]
 
 

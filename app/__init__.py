@@ -1,140 +1,21 @@
-"""create_app(settings=None): the Flask app with its clients, blueprint and error handling.
+"""image-proxy: an image-optimizing HTTP proxy (the Flask app is built by app.factory.create_app).
 
-Clients (Redis, the upstream session) are made here, which gunicorn runs in each worker
-after the fork (no preload), so no socket is shared between processes.
+This package's __init__ imports nothing: the gunicorn master imports app.settings and
+app.embedded_redis, and anything imported here would be loaded into the master and handed
+to every worker it forks, so a reload (HUP) would keep serving the old code.
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
-import os
-from dataclasses import dataclass
+from typing import Any
 
-from flask import Flask, Response, g, jsonify
-from werkzeug.exceptions import HTTPException
-
-from app import embedded_redis, observe
-from app.cache import Cache, CacheUnavailable, make_client
-from app.errors import ProxyError
-from app.fetch import Fetcher, Resolver, system_resolver
-from app.front.views import bp as front_bp
-from app.guard import AddressPolicy
-from app.image.serve import ImageService
-from app.image.views import bp as image_bp
-from app.responses import IMAGE_SECURITY_HEADERS, error_response
-from app.settings import Settings
-
-log = logging.getLogger("image_proxy")
+__version__ = "1.0.0"
 
 
-@dataclass
-class Services:
-    settings: Settings
-    cache: Cache
-    fetcher: Fetcher
-    service: ImageService
+def __getattr__(name: str) -> Any:
+    # `from app import create_app` still works, but loads Flask only when it is asked for.
+    if name == "create_app":
+        from app.factory import create_app
 
-
-def create_app(settings: Settings | None = None, *, resolver: Resolver = system_resolver) -> Flask:
-    settings = settings or Settings.from_env(os.environ)
-    if settings.redis_url is None:
-        # Outside gunicorn (which starts it in the master), the process owns its own.
-        server = embedded_redis.start_owned(settings.redis_maxmemory)
-        atexit.register(embedded_redis.stop_owned)
-        settings = settings.replace(redis_url=server.url)
-    assert settings.redis_url is not None
-
-    _configure_logging()
-    app = Flask(__name__)
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    logging.getLogger("redis_lock").setLevel(logging.ERROR)  # its "failed to acquire" is our normal wait
-
-    cache = Cache(
-        make_client(settings.redis_url, timeout=settings.redis_timeout, cluster=settings.redis_cluster),
-        make_client(settings.redis_url, timeout=settings.redis_timeout + 2, cluster=settings.redis_cluster),
-        ttl=settings.cache_ttl,
-        error_ttl=settings.error_ttl,
-        lock_expire=settings.lock_seconds,
-        max_entry_bytes=settings.max_cache_entry_bytes,
-        cluster=settings.redis_cluster,
-    )
-    fetcher = Fetcher(
-        timeout=settings.upstream_timeout,
-        max_bytes=settings.max_source_bytes,
-        via_token=settings.via_token,
-        address_policy=AddressPolicy(settings.allow_networks, settings.allowed_ports),
-        resolve=resolver,
-        pool_size=max(4, settings.threads),
-    )
-    app.extensions["image_proxy"] = Services(settings, cache, fetcher, ImageService(settings, cache, fetcher))
-
-    app.register_blueprint(image_bp)
-    if settings.front_page:
-        app.register_blueprint(front_bp)
-    _register_health_and_metrics(app)
-    _register_error_handlers(app)
-    observe.install(app)
-    return app
-
-
-def _configure_logging() -> None:
-    # One access-log line per request is on the hit path: skip the caller lookup (a stack
-    # walk per record) and the thread/process names no format here uses (logging HOWTO,
-    # "Optimization").
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.logProcesses = False
-    logger = logging.getLogger("image_proxy")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-def _register_health_and_metrics(app: Flask) -> None:
-    @app.get("/healthz")
-    def healthz() -> Response | tuple[Response, int]:
-        try:
-            app.extensions["image_proxy"].cache.ping()
-        except CacheUnavailable as exc:
-            return error_response(503, f"redis unavailable: {exc}")
-        response = jsonify(status="ok", redis="ok")
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    @app.get("/metrics")
-    def metrics_view() -> Response:
-        from app.metrics import exposition
-
-        body, content_type = exposition()
-        return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
-
-
-def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ProxyError)
-    def proxy_error(exc: ProxyError) -> Response:
-        g.error_reason, g.error_kind = exc.message, exc.kind
-        response = error_response(exc.status, exc.message, retry_after=exc.retry_after)
-        response.headers.update(IMAGE_SECURITY_HEADERS)
-        return response
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        response = error_response(exc.code or 500, exc.description or exc.name)
-        for name, value in exc.get_headers():
-            if name.lower() == "allow":
-                # Werkzeug lists methods in set order; the contract names them "GET, HEAD".
-                methods = {m.strip() for m in value.split(",")}
-                ordered = [m for m in ("GET", "HEAD") if m in methods] + sorted(methods - {"GET", "HEAD"})
-                response.headers["Allow"] = ", ".join(ordered)
-        return response
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error (a bug)")
-        g.error_reason, g.error_kind = f"internal error: {type(exc).__name__}", "internal"
-        return error_response(500, "internal error; it has been logged")
+        return create_app
+    raise AttributeError(f"module 'app' has no attribute {name!r}")

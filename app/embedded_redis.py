@@ -27,14 +27,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import redis
 
 _PR_SET_PDEATHSIG = 1
 
@@ -160,18 +159,14 @@ def _spawn(args: list[str], directory: str, socket_path: str, ready_timeout: flo
         process = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
-    client = redis.Redis(unix_socket_path=socket_path, socket_timeout=1, socket_connect_timeout=1)
     give_up = time.monotonic() + ready_timeout
     try:
         while True:
             if process.poll() is not None:
                 output = Path(log_path).read_text(errors="replace")[-2000:]
                 raise EmbeddedRedisError(f"redis-server exited with {process.returncode}: {output}")
-            try:
-                if client.ping():
-                    return process
-            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
-                pass
+            if _answers_ping(socket_path):
+                return process
             if time.monotonic() > give_up:
                 raise EmbeddedRedisError(f"redis-server did not answer within {ready_timeout:g} s")
             time.sleep(0.02)
@@ -180,8 +175,20 @@ def _spawn(args: list[str], directory: str, socket_path: str, ready_timeout: flo
             process.kill()
             process.wait()
         raise
-    finally:
-        client.close()
+
+
+def _answers_ping(socket_path: str) -> bool:
+    # A raw RESP PING, not redis-py: the gunicorn master runs this (at start and on every
+    # restart), and a library loaded in the master is inherited by every worker it forks,
+    # even after an upgrade replaced it on disk.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1)
+            sock.connect(socket_path)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 #: Seconds between the supervisor's checks; with a ~50 ms start, a killed server is back

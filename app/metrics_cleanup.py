@@ -162,3 +162,11 @@ class LockedMultiProcessCollector(MultiProcessCollector):
     def collect(self):  # type: ignore[no-untyped-def]
         with _locked(Path(self._path), fcntl.LOCK_SH, None):
             return list(super().collect())
+
+
+if __name__ == "__main__":
+    # The gunicorn master runs this as a short child process (gunicorn.conf.py, child_exit),
+    # so prometheus_client is never imported into the master and from there into workers.
+    import sys
+
+    on_child_exit(int(sys.argv[1]), [int(pid) for pid in sys.argv[2:]])

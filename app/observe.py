@@ -1,17 +1,23 @@
 """Per-request observation: one access-log line and the metrics, from what the request left
-in flask.g. Registered by create_app as after_request."""
+in flask.g. Registered by create_app as after_request.
+
+The line is logfmt (IMAGE_PROXY_LOG_FORMAT=text) or one JSON object with a "time" field
+(json), built by app.log_format, which escapes control characters. "client" is the peer
+address, or the X-Forwarded-For entry that trusted proxies vouch for (app.client_address).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 
 from app import metrics
+from app.client_address import client_address
 from app.image.params import ImageRequest
 from app.image.serve import Served
+from app.log_format import json_line, logfmt, utc_now
 
 access_log = logging.getLogger("image_proxy.access")
 #: Children resolved once: labels() takes a lock and builds a key on every call.
@@ -28,7 +34,10 @@ def finish_request(response: Response) -> Response:
     endpoint = request.endpoint or "unknown"
     fmt = image_request.format if image_request is not None else ""
     total_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
-    record = {
+    settings = current_app.extensions["image_proxy"].settings
+    forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
+    record: dict[str, object] = {
+        "client": client_address(request.remote_addr, forwarded_for, settings.trusted_proxies),
         "method": request.method,
         "path": request.path,
         "status": response.status_code,
@@ -44,18 +53,17 @@ def finish_request(response: Response) -> Response:
     error = g.get("error_reason") or (served.entry.error if served and not served.entry.ok else "")
     if error:
         record["error"] = error
-    _log(record)
+    _log(record, settings.log_format)
     _count(endpoint, response, served, image_request)
     return response
 
 
-def _log(record: dict[str, object]) -> None:
-    from flask import current_app
-
-    if current_app.extensions["image_proxy"].settings.log_format == "json":
-        access_log.info(json.dumps(record, separators=(",", ":")))
+def _log(record: dict[str, object], log_format: str) -> None:
+    if log_format == "json":
+        # json_ready: the JSON formatter writes this message as the whole line.
+        access_log.info(json_line({"time": utc_now(), **record}), extra={"json_ready": True})
     else:
-        access_log.info(" ".join(f"{key}={value}" for key, value in record.items()))
+        access_log.info(logfmt(record))
 
 
 def _count(endpoint: str, response: Response, served: Served | None, image_request: ImageRequest | None) -> None:

@@ -142,6 +142,10 @@ def _bind(text: str) -> str:
     return text
 
 
+def _optional_bind(text: str) -> str:
+    return _bind(text) if text.strip() else ""
+
+
 def _token(text: str) -> str:
     text = text.strip()
     if not re.fullmatch(r"[A-Za-z0-9._~-]{1,64}", text):
@@ -193,6 +197,8 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("input_formats", _formats, ",".join(INPUT_FORMATS), "Source formats that are decoded; drop one to switch its decoder off."),
     Spec("log_format", _choice("text", "json"), "text", "Access log format: text or json."),
     Spec("front_page", _bool, "on", "Serve the try-it page at /; off makes / a 404."),
+    Spec("trusted_proxies", _networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are."),
+    Spec("metrics_bind", _optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only."),
 )
 
 
@@ -225,6 +231,8 @@ class Settings:
     input_formats: frozenset[str] = field(default_factory=lambda: frozenset(INPUT_FORMATS))
     log_format: str = "text"
     front_page: bool = True
+    trusted_proxies: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    metrics_bind: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

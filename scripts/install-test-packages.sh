@@ -3,7 +3,10 @@
 # Without root or apt-get this prints why and exits 0: the tests that need a package then
 # try again themselves and skip with that reason.
 set -u
-want=(nginx:nginx-light chromium:chromium dwebp:webp avifdec:libavif-bin)
+# openssl: the nginx test's self-signed certificate; curl: its HTTP/2 check; systemd-analyze,
+# setpriv and useradd: the install test (tests/e2e/test_install.py).
+want=(nginx:nginx-light chromium:chromium dwebp:webp avifdec:libavif-bin openssl:openssl curl:curl
+      systemd-analyze:systemd setpriv:util-linux useradd:passwd make:make)
 missing=()
 for pair in "${want[@]}"; do
   binary=${pair%%:*}; package=${pair#*:}

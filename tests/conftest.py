@@ -16,8 +16,8 @@ import pytest
 import redis
 import requests
 
-from app import create_app
 from app.embedded_redis import EmbeddedRedis, start_embedded_redis
+from app.factory import create_app
 from app.settings import Settings
 from tests import processes
 from tests.upstream import Upstream, corpus_dir
@@ -96,7 +96,8 @@ def free_port() -> int:
 class Gunicorn:
     """A real gunicorn master started from the project's gunicorn.conf.py; stopped by PID."""
 
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log_path: Path, cwd: Path = ROOT) -> None:
+        self.cwd = cwd  # a copy of the project (tests/e2e/test_upgrade.py) or the project itself
         self.port = port
         self.log_path = log_path
         self.env = env
@@ -110,7 +111,7 @@ class Gunicorn:
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -15,9 +15,9 @@ import redis
 import requests
 from redis.cluster import RedisCluster
 
-from app import create_app
 from app.cache import CacheKey
 from app.embedded_redis import EmbeddedRedis, find_redis_server, start_embedded_redis
+from app.factory import create_app
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 import pytest
 
-from app import create_app
 from app.embedded_redis import start_embedded_redis
+from app.factory import create_app
 from tests.conftest import free_port
 
 PHOTO = "photos/portrait_1200x1800.jpg"

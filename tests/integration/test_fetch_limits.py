@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from app import create_app
+from app.factory import create_app
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 import pytest
 from PIL import Image
 
-from app import create_app
+from app.factory import create_app
 from app.front.views import PAGE_CSP, RESPONSIVE_WIDTHS, STATIC
 
 PHOTO = "photos/waterfall_1800x1200.jpg"

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from app import create_app
+from app.factory import create_app
 from app.fetch import system_resolver
 from app.guard import IPAddress
 from tests.conftest import Gunicorn, free_port, gunicorn_env
@@ -293,7 +293,7 @@ def test_loop_through_a_name_for_the_service_stops_after_one_hop(service, upstre
 
 
 def test_a_url_at_the_loopback_address_of_a_service_bound_to_all_addresses_is_a_loop(settings, upstream):
-    from app import create_app
+    from app.factory import create_app
 
     app = create_app(settings.replace(bind="0.0.0.0:8765"))
     response = app.test_client().get("/image?url=http%3A%2F%2F127.0.0.1%3A8765%2Fimage%3Furl%3Dx")
