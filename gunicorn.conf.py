@@ -25,7 +25,7 @@ import tempfile
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-proxy-metrics-")
 
-from app import embedded_redis
+from app import embedded_redis, memory
 from app.settings import Settings, SettingsError, unknown_variables
 
 try:
@@ -80,6 +80,22 @@ capture_output = True
 control_socket_disable = True
 
 def on_starting(server: object) -> None:
+    # One memory ledger for all workers (app/memory.py): made before they fork, named to them
+    # in the environment, holding the budget they all admit renders and bodies into.
+    budget, baseline = memory.service_budget(
+        _settings.memory_budget, _settings.workers, _settings.redis_maxmemory if _settings.redis_url is None else None
+    )
+    if budget <= baseline:
+        sys.stderr.write(
+            f"image-proxy: IMAGE_PROXY_MEMORY_BUDGET={budget // memory.MB}M leaves nothing for renders: "
+            f"the idle service alone uses about {baseline // memory.MB}M\n"
+        )
+        sys.exit(2)
+    os.environ[memory.LEDGER_ENV] = memory.create_ledger(budget, baseline)
+    logging.getLogger("gunicorn.error").info(
+        "memory budget %d MB, %d MB of it for renders and fetched bodies; ledger %s", budget // memory.MB,
+        (budget - baseline) // memory.MB, os.environ[memory.LEDGER_ENV],
+    )
     if _settings.redis_url is None:
         redis_server = embedded_redis.start_owned(_settings.redis_maxmemory)
         # Workers fork from this master and read their settings from the environment.
@@ -97,6 +113,8 @@ def child_exit(server: object, worker: object) -> None:
 
 def on_exit(server: object) -> None:
     embedded_redis.stop_owned()
+    if os.environ.get(memory.LEDGER_ENV):
+        memory.remove_ledger(os.environ[memory.LEDGER_ENV])
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if directory.startswith(tempfile.gettempdir()) and "image-proxy-metrics-" in directory:
         import shutil

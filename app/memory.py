@@ -454,3 +454,12 @@ def service_baseline(workers: int, embedded_redis_maxmemory: int | None) -> int:
 def service_budget(configured: int, workers: int, embedded_redis_maxmemory: int | None) -> tuple[int, int]:
     """(budget, baseline): IMAGE_PROXY_MEMORY_BUDGET when set (0 = derive it), else the default."""
     return configured or default_memory_budget(), service_baseline(workers, embedded_redis_maxmemory)
+
+
+def process_budget(configured: int, workers: int, embedded_redis_maxmemory: int | None) -> MemoryBudget:
+    """The budget a worker admits into: the master's ledger when gunicorn made one (LEDGER_ENV),
+    else a private one for this process (create_app alone, tests), which is then the service."""
+    path = os.environ.get(LEDGER_ENV)
+    if path and os.path.exists(path):
+        return MemoryBudget.from_ledger(path)
+    return MemoryBudget(*service_budget(configured, workers, embedded_redis_maxmemory))
