@@ -54,9 +54,10 @@ MB = 1024 * 1024
 LEDGER_ENV = "_IMAGE_PROXY_MEMORY_LEDGER"
 #: How much of the machine's (or cgroup's) memory the derived budget takes.
 DEFAULT_FRACTION = 0.80
-#: Measured RSS of the gunicorn master and of an idle worker after its first requests
-#: (notes/membudget.md, "Baseline").
-MASTER_RSS = 40 * MB
+#: RSS of the gunicorn master (measured 59 MB) and of an idle worker: measured 48 MB at start
+#: and 68 MB after 20 small renders; 120 MB leaves room for the heap glibc keeps after big
+#: renders (the 10,000-request soak settles at ~210 MB a worker, in-flight renders included).
+MASTER_RSS = 64 * MB
 IDLE_WORKER_RSS = 120 * MB
 #: redis-server's RSS beyond its maxmemory (allocator fragmentation, buffers, its own code).
 REDIS_OVERHEAD = 0.15
