@@ -34,6 +34,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 # reload also parses the settings with the new code (a new version may add a setting).
 sys.modules.pop("app.settings", None)
 import app.embedded_redis as embedded_redis  # noqa: E402
+import app.memory as memory  # noqa: E402
 from app.settings import Settings, SettingsError, unknown_variables  # noqa: E402
 
 try:
@@ -109,6 +110,22 @@ def _effective_settings(server: object) -> None:
 
 def on_starting(server: object) -> None:
     _effective_settings(server)
+    # One memory ledger for all workers (app/memory.py): made before they fork, named to them
+    # in the environment, holding the budget they all admit renders and bodies into.
+    embedded_maxmemory = _settings.redis_maxmemory if _settings.redis_url is None else None
+    workers_now = int(os.environ["IMAGE_PROXY_WORKERS"])  # gunicorn's flag may have changed it
+    budget, baseline = memory.service_budget(_settings.memory_budget, workers_now, embedded_maxmemory)
+    if budget <= baseline:
+        sys.stderr.write(
+            f"image-proxy: IMAGE_PROXY_MEMORY_BUDGET={budget // memory.MB}M leaves nothing for renders: "
+            f"the idle service alone uses about {baseline // memory.MB}M\n"
+        )
+        sys.exit(2)
+    os.environ[memory.LEDGER_ENV] = memory.create_ledger(budget, baseline)
+    logging.getLogger("gunicorn.error").info(
+        "memory budget %d MB, %d MB of it for renders and fetched bodies; ledger %s", budget // memory.MB,
+        (budget - baseline) // memory.MB, os.environ[memory.LEDGER_ENV],
+    )
     if _settings.redis_url is None:
         # Supervised: restarted on the same socket if it dies (app/embedded_redis.py).
         redis_server = embedded_redis.start_owned(_settings.redis_maxmemory, supervise=True)
@@ -144,6 +161,8 @@ def child_exit(server: object, worker: object) -> None:
 
 def on_exit(server: object) -> None:
     embedded_redis.stop_owned()
+    if os.environ.get(memory.LEDGER_ENV):
+        memory.remove_ledger(os.environ[memory.LEDGER_ENV])
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if directory.startswith(tempfile.gettempdir()) and "image-proxy-metrics-" in directory:
         import shutil

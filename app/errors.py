@@ -53,6 +53,16 @@ class SourceTooLarge(BadSource):
     kind = "too_large"
 
 
+class OverMemoryBudget(SourceTooLarge):
+    """The render would need more memory than the whole service's budget allows, even alone.
+
+    Stored like the other 400s: it depends only on the image and IMAGE_PROXY_MEMORY_BUDGET,
+    and a setting change restarts the service, well past ERROR_TTL.
+    """
+
+    kind = "over_memory_budget"
+
+
 class SourceNotFound(ProxyError):
     status = 404
     kind = "not_found"

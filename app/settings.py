@@ -153,6 +153,22 @@ def _token(text: str) -> str:
     return text
 
 
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024); empty means 0 (derived)."""
+    if not text.strip():
+        return 0
+    match = re.fullmatch(r"([0-9]+)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError("expected bytes such as 1610612736, 1536M or 2G")
+    value = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value < 64 * _UNITS["M"]:
+        raise ValueError("must be at least 64M")
+    return value
+
+
 @dataclass(frozen=True)
 class Spec:
     """How one variable is read: the attribute it fills, its parser, default and meaning."""
@@ -185,6 +201,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("lock_expire", _derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held); empty = REQUEST_BUDGET + 5."),
     Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget."),
     Spec("max_queue", _derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS."),
+    Spec("memory_budget", _size, "", "Bytes (K/M/G suffixes) the whole service may use, renders and fetched bodies included; empty: 80 % of the cgroup limit or RAM."),
     Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
     Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
     Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
@@ -219,6 +236,7 @@ class Settings:
     lock_expire: int | None = None  # None: derived, see lock_seconds
     render_slots: int = 2
     max_queue: int | None = None  # None: derived, see miss_places
+    memory_budget: int = 0  # 0: derived from the cgroup limit or RAM (app/memory.py)
     max_source_bytes: int = 32 * MIB
     max_source_pixels: int = 50_000_000
     max_width: int = 8192

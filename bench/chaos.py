@@ -29,6 +29,7 @@ from urllib.parse import quote
 import requests
 
 from app.embedded_redis import EmbeddedRedis, start_embedded_redis
+from bench.hostile import hostile
 from tests.conftest import Gunicorn, free_port, gunicorn_env
 from tests.upstream import Upstream
 
@@ -388,6 +389,7 @@ SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "restart": redis_restart,
     "trickle": trickle,
     "leaks": leaks,
+    "hostile": hostile,
 }
 NEEDS_REDIS = {"holder", "stall", "dedup"}
 

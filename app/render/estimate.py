@@ -1,0 +1,142 @@
+"""estimate_peak(data, options) -> bytes: the memory a render of these bytes will need, from the header.
+
+Used to admit a render into the service's memory budget (app/memory.py) before any pixel is
+decoded. It runs the pipeline's own header steps (sniff, open_source, check_pixels,
+plan_geometry) and decode_reduced, which only picks the JPEG draft scale: nothing is decoded,
+so the estimate costs what opening the header costs, and the figures it reads (draft size,
+frame count, output size) are the ones the render will use.
+
+The model, per render (all terms in bytes; the constants are measured by
+`python -m bench.memory_model`, its table is in notes/membudget.md):
+
+    peak = FIXED[format]                                   codec contexts, allocator slack
+         + (DECODE[source format] + MODE_EXTRA[mode])      one decoded frame and its working
+             x decoded pixels                              copies, after the JPEG draft
+         + RESIZE_PASS x sqrt(decoded x output pixels)     resize's horizontal pass (out_w x in_h)
+         + ENCODE[format] x output pixels                  the encoder's buffers for one frame
+         + ACCUMULATED[format] x output pixels x frames    animations only
+
+Frames are decoded and resized one at a time, but `drop_opaque_alpha` and `encode` hold every
+resized frame of an animation (RGB(A), 4 bytes a pixel) and the animation encoders keep each
+encoded frame, so an animation's output adds up while only one source frame is alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from app.render.canvas import Canvas, RenderOptions
+from app.render.check_pixels import check_pixels
+from app.render.decode import decode_reduced
+from app.render.open_source import open_source
+from app.render.plan_geometry import plan_geometry
+from app.render.sniff import sniff
+
+MB = 1024 * 1024
+
+#: Bytes a render of a ~1 MP source needs beyond its per-pixel terms (Python objects, codec
+#: contexts: SVT-AV1 sets up ~12 MB of its own), per output format.
+FIXED: dict[str, int] = {"webp": 12 * MB, "avif": 26 * MB}
+
+#: Bytes per decoded source pixel, per decoder, including the full-size working copies the
+#: pipeline makes for an 8-bit RGB source. GIF, AVIF, BMP and TIFF stills were not measured
+#: and take the largest figure.
+DECODE: dict[str, float] = {
+    "jpeg": 4.0,
+    "png": 4.0,
+    "webp": 16.5,  # libwebp decodes into its own buffer, which Pillow then copies
+    "gif": 16.5,
+    "avif": 16.5,
+    "bmp": 16.5,
+    "tiff": 16.5,
+}
+
+#: Extra bytes per decoded pixel for source modes that are converted before the working mode
+#: (Pillow stores RGB, RGBA, CMYK, I and F at 4 bytes a pixel, L and P at 1, I;16 at 2):
+#: palette -> RGB(A) keeps the 1-byte source next to a 4-byte copy; 16/32-bit greys go through
+#: a 32-bit image twice; CMYK and grey get an RGB copy in to_srgb. From Pillow's storage
+#: layout, checked by the palette and grey rows of the measurement.
+MODE_EXTRA: dict[str, float] = {
+    "P": 4.0,
+    "PA": 4.0,
+    "1": 4.0,
+    "L": 4.0,
+    "LA": 4.0,
+    "CMYK": 4.0,
+    "I;16": 8.0,
+    "I;16B": 8.0,
+    "I;16L": 8.0,
+    "I": 8.0,
+    "F": 8.0,
+}
+NO_EXTRA = frozenset({"RGB", "RGBA", "RGBX"})
+DEFAULT_MODE_EXTRA = 4.0  # YCbCr, LAB, HSV and anything rarer: one RGB copy
+
+#: Pillow resamples horizontally first, into an out_w x in_h image of 4 bytes a pixel.
+RESIZE_PASS = 4.0
+
+#: Bytes per output pixel of one frame for the encoder: its picture, analysis and bitstream
+#: buffers, and the plugin's copy of the pixels.
+ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
+
+#: Bytes per output pixel per frame that an animation holds until the encoder is done: the
+#: resized frames (4 bytes a pixel) and the encoded frames kept by the animation encoder.
+ACCUMULATED: dict[str, float] = {"webp": 7.5, "avif": 19.0}
+
+
+@dataclass(frozen=True)
+class RenderShape:
+    """What a render's memory depends on, read from the header as the pipeline reads it."""
+
+    source_format: str
+    mode: str
+    decoded_pixels: int  # one frame, at the JPEG draft scale the render will use
+    output_pixels: int  # one frame
+    frames: int
+    animated: bool
+
+
+def render_shape(data: bytes, options: RenderOptions) -> RenderShape:
+    """Run the header steps of the pipeline; raises the same 400s render() would for them."""
+    canvas = Canvas(data=data)
+    try:
+        for step in (sniff, open_source, check_pixels, plan_geometry, decode_reduced):
+            step(canvas, options)
+        image = canvas.image
+        assert image is not None  # open_source returned early only for a GIF check_pixels refused
+        width, height = canvas.source_size
+        if canvas.draft_box is not None:  # draft() has set the reduced decode size
+            width, height = image.size
+        out_w, out_h = canvas.target_size
+        return RenderShape(
+            source_format=canvas.source_format,
+            mode=image.mode,
+            decoded_pixels=width * height,
+            output_pixels=out_w * out_h,
+            frames=canvas.frame_count if canvas.animated else 1,
+            animated=canvas.animated and canvas.frame_count > 1,
+        )
+    finally:
+        canvas.frames = iter(())  # the lazy frame generator was never started
+        if canvas.image is not None:
+            canvas.image.close()
+
+
+def mode_extra(mode: str) -> float:
+    return 0.0 if mode in NO_EXTRA else MODE_EXTRA.get(mode, DEFAULT_MODE_EXTRA)
+
+
+def peak_of(shape: RenderShape, fmt: str) -> int:
+    decoded, output = shape.decoded_pixels, shape.output_pixels
+    total = FIXED[fmt] + (DECODE[shape.source_format] + mode_extra(shape.mode)) * decoded + ENCODE[fmt] * output
+    if output != decoded:
+        total += RESIZE_PASS * math.sqrt(decoded * output)
+    if shape.animated:
+        total += ACCUMULATED[fmt] * output * shape.frames
+    return int(total)
+
+
+def estimate_peak(data: bytes, options: RenderOptions) -> int:
+    """Bytes of memory a render of `data` with `options` needs at its peak, above an idle worker."""
+    return peak_of(render_shape(data, options), options.format)
