@@ -27,6 +27,7 @@ from app.image.serve import ImageService
 from app.image.views import bp as image_bp
 from app.listener import arrived_on, is_loopback_peer
 from app.log_format import JsonFormatter, TextFormatter
+from app.memory import process_budget
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
 from app.settings import Settings
 
@@ -43,6 +44,7 @@ class Services:
 
 def create_app(settings: Settings | None = None, *, resolver: Resolver = system_resolver) -> Flask:
     settings = settings or Settings.from_env(os.environ)
+    embedded_maxmemory = settings.redis_maxmemory if settings.redis_url is None else None
     if settings.redis_url is None:
         # Outside gunicorn (which starts it in the master), the process owns its own.
         server = embedded_redis.start_owned(settings.redis_maxmemory)
@@ -72,7 +74,10 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
         resolve=resolver,
         pool_size=max(4, settings.threads),
     )
-    app.extensions["image_proxy"] = Services(settings, cache, fetcher, ImageService(settings, cache, fetcher))
+    # Under gunicorn the master's ledger (one budget for all workers), else this process's own.
+    memory = process_budget(settings.memory_budget, settings.workers, embedded_maxmemory)
+    service = ImageService(settings, cache, fetcher, memory)
+    app.extensions["image_proxy"] = Services(settings, cache, fetcher, service)
 
     app.register_blueprint(image_bp)
     if settings.front_page:

@@ -42,6 +42,7 @@ from app.guard import AddressPolicy, IPAddress, SourceURL, URLPolicy, parse_sour
 
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
+HOLD_STEP = 1024 * 1024
 USER_AGENT = "image-proxy/1.0 (+https://github.com/image-proxy)"
 
 #: host, port -> addresses; the default asks the system resolver. Tests pass a stub.
@@ -236,9 +237,14 @@ class Fetcher:
     def close(self) -> None:
         self.session.close()
 
-    def fetch_source(self, url: SourceURL, url_policy: URLPolicy, *, deadline: float | None = None) -> Source:
+    def fetch_source(
+        self, url: SourceURL, url_policy: URLPolicy, *, deadline: float | None = None,
+        hold_bytes: Callable[[int], None] | None = None,
+    ) -> Source:
         """`deadline` (time.monotonic) is the request's own, when it ends before
-        UPSTREAM_TIMEOUT would: the fetch never outlives the request budget."""
+        UPSTREAM_TIMEOUT would: the fetch never outlives the request budget. `hold_bytes(n)`
+        is told, before the body grows past n bytes, how much memory it needs: the service's
+        memory budget admits fetched bodies as they arrive (it may raise to refuse)."""
         started = time.monotonic()
         deadline = min(started + self.timeout, deadline or float("inf"))
         try:
@@ -247,7 +253,7 @@ class Fetcher:
                 try:
                     location = _redirect_target(response)
                     if location is None:
-                        body = self._read_body(response, deadline)
+                        body = self._read_body(response, deadline, hold_bytes)
                         return Source(body=body, url=url, fetch_seconds=time.monotonic() - started)
                 finally:
                     response.close()
@@ -303,10 +309,13 @@ class Fetcher:
             raise SourceTooLarge(f"source is {int(declared)} bytes, over the {self.max_bytes}-byte limit")
         return response
 
-    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+    def _read_body(
+        self, response: requests.Response, deadline: float, hold_bytes: Callable[[int], None] | None = None
+    ) -> bytes:
         raw = response.raw
         chunks: list[bytes] = []
         size = 0
+        held = 0
         try:
             while True:
                 remaining = _remaining(deadline)
@@ -322,6 +331,10 @@ class Fetcher:
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise SourceTooLarge(f"source is over the {self.max_bytes}-byte limit")
+                if hold_bytes is not None and size > held:
+                    # Whole mebibytes ahead, so a 32 MiB body asks the ledger 32 times, not 500.
+                    held = -(-size // HOLD_STEP) * HOLD_STEP
+                    hold_bytes(held)
                 chunks.append(chunk)
         except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
             raise _DeadlinePassed from None
@@ -331,6 +344,8 @@ class Fetcher:
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
         if declared.isdigit() and not encoded and size < int(declared):
             raise UpstreamFailed(f"upstream body ended after {size} of {declared} bytes")
+        if hold_bytes is not None:
+            hold_bytes(held + size)  # the join below holds the chunks and the body at once
         return b"".join(chunks)
 
 

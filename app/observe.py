@@ -45,6 +45,8 @@ def finish_request(response: Response) -> Response:
         "bytes": response.content_length or 0,
         "upstream_ms": round(served.timings.upstream_s * 1000, 1) if served else 0,
         "render_ms": round(served.timings.render_s * 1000, 1) if served else 0,
+        # The render's estimated peak, admitted into the memory budget (0: nothing rendered).
+        "mem_estimate_mb": round(served.timings.memory_estimate / 2**20, 1) if served else 0,
         "total_ms": round(total_ms, 1),
     }
     if image_request is not None:

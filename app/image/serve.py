@@ -29,7 +29,9 @@ from app.fetch import Fetcher
 from app.guard import URLPolicy
 from app.image.admission import Admission
 from app.image.params import ImageRequest
+from app.memory import MemoryBudget
 from app.render import Rendered, RenderOptions, render
+from app.render.estimate import estimate_peak
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
@@ -43,6 +45,7 @@ class Timings:
     render_s: float = 0.0
     wait_s: float = 0.0
     source_bytes: int = 0
+    memory_estimate: int = 0  # the render's estimated peak, admitted into the memory budget
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,11 @@ class Served:
 
 
 class ImageService:
-    def __init__(self, settings: Settings, cache: Cache, fetcher: Fetcher) -> None:
+    def __init__(self, settings: Settings, cache: Cache, fetcher: Fetcher, memory: MemoryBudget) -> None:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
+        self.memory = memory
         self.admission = Admission(max_in_flight=settings.miss_places, render_slots=settings.render_slots)
 
     def serve(self, request: ImageRequest, url_policy: URLPolicy) -> Served:
@@ -119,26 +123,36 @@ class ImageService:
     def _render_source(
         self, request: ImageRequest, url_policy: URLPolicy, timings: Timings, deadline: float
     ) -> CacheEntry:
-        source = self.fetcher.fetch_source(request.url, url_policy, deadline=deadline)
-        timings.upstream_s = source.fetch_seconds
-        timings.source_bytes = len(source.body)
-        options = RenderOptions(
-            width=request.width,
-            quality=request.quality,
-            format=request.format,
-            max_pixels=self.settings.max_source_pixels,
-            max_frames=self.settings.max_animation_frames,
-            input_formats=self.settings.input_formats,
-        )
+        # Memory first, then CPU: the body is admitted into the service's memory budget as it
+        # arrives, the render by its estimated peak before it takes a render slot. What does
+        # not fit waits within the request budget (then 503); what never could is a 400.
+        with self.memory.reserve(0, deadline) as body_held:
+            source = self.fetcher.fetch_source(
+                request.url, url_policy, deadline=deadline,
+                hold_bytes=lambda total: body_held.grow(total - body_held.nbytes, deadline),
+            )
+            timings.upstream_s = source.fetch_seconds
+            timings.source_bytes = len(source.body)
+            options = RenderOptions(
+                width=request.width,
+                quality=request.quality,
+                format=request.format,
+                max_pixels=self.settings.max_source_pixels,
+                max_frames=self.settings.max_animation_frames,
+                input_formats=self.settings.input_formats,
+            )
+            timings.memory_estimate = estimate_peak(source.body, options)
 
-        def timed_render() -> Rendered:
-            started = time.monotonic()  # on the render thread: slot waiting is not render time
-            try:
-                return render(source.body, options)
-            finally:
-                timings.render_s = time.monotonic() - started
+            def timed_render() -> Rendered:
+                started = time.monotonic()  # on the render thread: slot waiting is not render time
+                try:
+                    return render(source.body, options)
+                finally:
+                    timings.render_s = time.monotonic() - started
 
-        rendered = self.admission.render(timed_render, deadline)
+            memory_deadline = deadline - self.admission.render_seconds
+            with self.memory.reserve(timings.memory_estimate, memory_deadline):
+                rendered = self.admission.render(timed_render, deadline)
         return CacheEntry(
             status=200,
             body=rendered.body,

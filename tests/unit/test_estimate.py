@@ -90,8 +90,12 @@ def test_the_estimate_grows_with_the_frames():
 def test_a_jpeg_is_estimated_at_the_draft_scale_the_render_uses():
     data = encoded(Image.new("RGB", (4000, 3000), (200, 100, 50)), "JPEG")
     shape = render_shape(data, RenderOptions(width=640, quality=75, format="webp"))
-    assert shape.decoded_pixels == 2000 * 1500  # 1/2 scale: the smallest at least twice the target
+    # The draft margin per format (app/render/decode.py): WebP 1/4 (1000 px >= 1.25 x 640),
+    # AVIF 1/2 (2000 px >= 2 x 640).
+    assert shape.decoded_pixels == 1000 * 750
     assert shape.output_pixels == 640 * 480
+    avif = render_shape(data, RenderOptions(width=640, quality=75, format="avif"))
+    assert avif.decoded_pixels == 2000 * 1500
     full = estimate_peak(data, RenderOptions(width=0, quality=75, format="webp"))
     small = estimate_peak(data, RenderOptions(width=640, quality=75, format="webp"))
     assert small < full / 4
