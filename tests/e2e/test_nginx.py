@@ -279,3 +279,41 @@ def test_public_healthz_gives_the_status_but_not_the_redis_error(nginx_binary, s
         assert public.json() == {"status": "unavailable"}
     finally:
         edge.stop()
+
+
+def test_a_cold_page_of_60_thumbnails_over_h2_decodes_every_image_in_chromium(nginx_in_front, upstream, chromium):
+    """A real page: 60 distinct <img> on a cold cache, through the shipped nginx with TLS and
+    HTTP/2 (Chromium sends them all at once on one connection). A browser does not retry an
+    image that got a 503, so every one of them must decode."""
+    edge, _ = nginx_in_front
+    photos = ["waterfall_1800x1200.jpg", "portrait_1200x1800.jpg", "paddleboat_3264x1836.jpg",
+              "saw_2725x2225.jpg", "insect_2560x1280.jpg", "lunch_3264x1836.jpg"]
+    nonce = time.time_ns()
+    tags = "\n".join(
+        f'<img id="i{i}" width="160" src="{edge.base}/image?url='
+        f'{quote(upstream.url(f"v/{nonce}-{i}/photos/{photos[i % len(photos)]}"), safe="")}&amp;w=320&amp;format=auto">'
+        for i in range(60)
+    )
+    upstream.pages["thumbnails.html"] = f'<!doctype html><meta charset="utf-8"><body>{tags}</body>'
+    tab = chromium.page()
+    tab.send("Security.setIgnoreCertificateErrors", ignore=True)
+    tab.send("Network.enable")
+    tab.set_viewport(1280, 900)
+    started = time.monotonic()
+    tab.navigate(upstream.url("page/thumbnails.html"))
+    tab.wait_for("[...document.images].every(i => i.complete)", timeout=90)
+    last_image = time.monotonic() - started
+    decoded = tab.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length")
+    statuses = [
+        event["params"]["response"]["status"]
+        for event in tab.events
+        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
+    ]
+    protocols = {
+        event["params"]["response"].get("protocol")
+        for event in tab.events
+        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
+    }
+    print(f"60 cold thumbnails over h2: {decoded} decoded, last one {last_image:.2f} s after navigation")
+    assert decoded == 60, f"statuses seen: {sorted(statuses)}"
+    assert protocols == {"h2"}
