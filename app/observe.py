@@ -15,7 +15,7 @@ from app.image.serve import Served
 
 access_log = logging.getLogger("image_proxy.access")
 #: Children resolved once: labels() takes a lock and builds a key on every call.
-_CACHE_RESULTS = {status: metrics.CACHE.labels(status.lower()) for status in ("HIT", "MISS", "BYPASS")}
+_CACHE_RESULTS = {status: metrics.CACHE.labels(status.lower()) for status in ("HIT", "MISS", "BYPASS", "STALE")}
 
 
 def start_request() -> None:
@@ -66,6 +66,8 @@ def _count(endpoint: str, response: Response, served: Served | None, image_reque
     if served is None or image_request is None:
         return
     _CACHE_RESULTS[served.cache_status].inc()
+    if served.cache_status == "STALE":
+        metrics.STALE_SERVES.inc()
     if not served.entry.ok:
         metrics.ERRORS.labels(served.entry.kind).inc()
     timings = served.timings
