@@ -21,6 +21,7 @@ becomes `CacheUnavailable`, which serve() turns into an uncached answer (X-Cache
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -95,6 +96,45 @@ class CacheKey:
     def passed(self) -> str:
         return self._key("p")
 
+    # Per-source keys, shared by every variant of one URL (same hash tag, same slot).
+
+    @property
+    def record(self) -> str:
+        """The source's freshness record: validators, digest, fresh-until."""
+        return f"ip:{{{self.source}}}:r"
+
+    @property
+    def failing(self) -> str:
+        """Set for a few seconds after the upstream failed: stale answers skip the retry."""
+        return f"ip:{{{self.source}}}:f"
+
+    @property
+    def kept_source(self) -> CacheKey:
+        """The kept source body lives as the entry of this pseudo-variant; its claim is the
+        one fetch per source in flight fleet-wide."""
+        return SourceKey(self.source, "src")
+
+
+@dataclass(frozen=True)
+class SourceKey(CacheKey):
+    """The kept source's keys: its entry is `ip:{S}:src`, apart from the rendered variants
+    (`ip:{S}:v:*`), which is what monitoring and tests count as cached images."""
+
+    @property
+    def entry(self) -> str:
+        return f"ip:{{{self.source}}}:src"
+
+
+@dataclass(frozen=True)
+class Look:
+    """One round trip's view of a variant: its entry (and raw bytes), the source record,
+    and whether the upstream failed a moment ago."""
+
+    entry: CacheEntry | None
+    raw: bytes | None
+    record: bytes | None
+    failing: bool
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -141,10 +181,12 @@ class CacheEntry:
 
 # KEYS: entry, lock ("lock:" + name), wake list, waiter count, handoff, pass marker.
 # ARGV: lock id, action (store|handoff|pass|none), value, ttl ms (entry or handoff),
-#       is_error, token lifetime ms, token (stored|handoff|pass).
+#       is_error, token lifetime ms, token (stored|handoff|pass), sha1 of a stale entry.
 # "store" writes the entry unless an image is already there and this result is an error, or
-# this caller no longer holds the lock and an entry exists (a newer holder wrote it). Then
-# the lock is dropped if still ours and every counted waiter gets one token.
+# this caller no longer holds the lock and an entry exists (a newer holder wrote it). The
+# one exception: the holder judged exactly that image stale (its sha1 is ARGV[8]) and the
+# upstream's answer (404, a changed source that fails to render) must replace it. Then the
+# lock is dropped if still ours and every counted waiter gets one token.
 _FINISH = b"""
 local action = ARGV[2]
 local held = redis.call('get', KEYS[2]) == ARGV[1]
@@ -152,7 +194,9 @@ if action == 'store' then
     local current = redis.call('get', KEYS[1])
     local keep = false
     if current then
-        if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' then keep = true end
+        if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' and redis.sha1hex(current) ~= ARGV[8] then
+            keep = true
+        end
         if not held then keep = true end
     end
     if not keep then redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
@@ -240,6 +284,9 @@ class Claim:
     holder: bool = False
     handed_off: bool = False
     lock: RenderLock | None = None
+    #: Set by a holder whose result must reach the waiters of this moment but not be
+    #: stored (a stale entry served while the upstream fails): finish hands it off.
+    share: bool = False
 
 
 class Cache:
@@ -300,6 +347,66 @@ class Cache:
         self._answered()
         return CacheEntry.from_bytes(raw) if raw else None
 
+    def look(self, key: CacheKey) -> Look:
+        """The hit path's one round trip: entry, source record and failure marker in one MGET
+        (one hash tag, so one slot in a Cluster too)."""
+        try:
+            raw, record, failing = self.client.mget([key.entry, key.record, key.failing])
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed("get", exc) from None
+        self._answered()
+        return Look(CacheEntry.from_bytes(raw) if raw else None, raw, record, bool(failing))
+
+    def put_record(self, key: CacheKey, record: bytes, ttl: int) -> None:
+        """Write the source's freshness record and clear its failure marker."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key.record, record, ex=max(1, ttl))
+            pipe.delete(key.failing)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed("set record", exc) from None
+
+    def get_record(self, key: CacheKey) -> bytes | None:
+        try:
+            return self.client.get(key.record)
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed("get record", exc) from None
+
+    def mark_failing(self, key: CacheKey, seconds: float) -> None:
+        try:
+            self.client.set(key.failing, b"1", px=max(1, int(seconds * 1000)))
+        except (redis.RedisError, OSError) as exc:
+            self._failed("set failure marker", exc)
+
+    def purge(self, source: str) -> int:
+        """Delete every variant, the kept source and the record of one source; returns how
+        many entries (variants and kept source) went. Finds them by SCAN on the node that
+        owns the source's slot, so it works on one Redis and on a Cluster; claim keys
+        (locks, wake-up lists) are left to the renders in flight."""
+        probe = CacheKey(source, "x")
+        try:
+            if self.cluster:
+                node = self.client.get_node_from_key(probe.record)
+                conn = self.client.get_redis_connection(node)
+            else:
+                conn = self.client
+            found = [k.decode() if isinstance(k, bytes) else k
+                     for k in conn.scan_iter(match=f"ip:{{{source}}}:*", count=1000)]
+            entries = [k for k in found if k.startswith(f"ip:{{{source}}}:v:") or k == SourceKey(source, "").entry]
+            others = [k for k in (probe.record, probe.failing) if k in found]
+            if not entries and not others:
+                return 0
+            pipe = conn.pipeline(transaction=False)
+            for name in entries:
+                pipe.delete(name)
+            for name in others:
+                pipe.delete(name)
+            deleted = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed("purge", exc) from None
+        return sum(int(n) for n in deleted[: len(entries)])
+
     def storable(self, entry: CacheEntry) -> bool:
         ttl = self.ttl if entry.ok else self.error_ttl
         return ttl > 0 and len(entry.body) <= self.max_entry_bytes
@@ -324,8 +431,11 @@ class Cache:
     # -- the per-key render claim --------------------------------------------------------
 
     @contextmanager
-    def claim(self, key: CacheKey, deadline: float) -> Iterator[Claim]:
+    def claim(self, key: CacheKey, deadline: float, *, stale: CacheEntry | None = None) -> Iterator[Claim]:
         """Claim the key's render, or wait for whoever has it.
+
+        `stale` is an entry the caller found and judged out of date: it counts as missing,
+        so the caller (or the holder it waits for) replaces it rather than answering with it.
 
         Yields a `Claim` (see there). A holder must call `finish(key, claim, entry)` before
         leaving; if it leaves by an exception, the lock is dropped and the waiters are told
@@ -335,7 +445,7 @@ class Cache:
         lock = RenderLock(self.wait_client, key.lock, expire=self.lock_expire, auto_renewal=True,
                           strict=not self.cluster)
         try:
-            found = self._claim(lock, key, deadline)
+            found = self._claim(lock, key, deadline, stale)
         except (redis.RedisError, OSError) as exc:
             raise self._failed("lock", exc) from None
         try:
@@ -345,9 +455,9 @@ class Cache:
                 self._finish_quietly(key, found, "pass", PASS, b"", 0, is_error=True)
             raise
 
-    def _claim(self, lock: RenderLock, key: CacheKey, deadline: float) -> Claim:
+    def _claim(self, lock: RenderLock, key: CacheKey, deadline: float, stale: CacheEntry | None) -> Claim:
         if lock.acquire(blocking=False):
-            return self._as_holder(lock, key)
+            return self._as_holder(lock, key, stale)
         # Register first, then look: FINISH either counted this waiter or ran before the
         # look and left the entry, a handoff or a pass marker for it to find.
         pipe = self.wait_client.pipeline(transaction=False)
@@ -357,7 +467,7 @@ class Cache:
         pipe.get(key.handoff)
         pipe.get(key.passed)
         _, _, raw_entry, raw_handoff, passed = pipe.execute()
-        found = self._from_look(raw_entry, raw_handoff, passed)
+        found = self._from_look(raw_entry, raw_handoff, passed, stale)
         while found is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -367,18 +477,19 @@ class Cache:
             if token == PASS:
                 return Claim()
             if token == HANDOFF:
-                found = self._from_look(None, self.wait_client.get(key.handoff), None)
+                found = self._from_look(None, self.wait_client.get(key.handoff), None, stale)
             else:
-                found = self._from_look(self.wait_client.get(key.entry), None, None)
+                found = self._from_look(self.wait_client.get(key.entry), None, None, stale)
             if found is None and not woken and lock.acquire(blocking=False):
                 # The holder died (its lock expired) or left without a result.
-                return self._as_holder(lock, key)
+                return self._as_holder(lock, key, stale)
         return found
 
     @staticmethod
-    def _from_look(raw_entry: bytes | None, raw_handoff: bytes | None, passed: bytes | None) -> Claim | None:
+    def _from_look(raw_entry: bytes | None, raw_handoff: bytes | None, passed: bytes | None,
+                   stale: CacheEntry | None = None) -> Claim | None:
         entry = CacheEntry.from_bytes(raw_entry) if raw_entry else None
-        if entry is not None:
+        if entry is not None and entry != stale:
             return Claim(entry=entry)
         handed = CacheEntry.from_bytes(raw_handoff) if raw_handoff else None
         if handed is not None:
@@ -387,38 +498,44 @@ class Cache:
             return Claim()
         return None
 
-    def _as_holder(self, lock: RenderLock, key: CacheKey) -> Claim:
+    def _as_holder(self, lock: RenderLock, key: CacheKey, stale: CacheEntry | None = None) -> Claim:
         # Re-read after every successful acquire: the previous holder may have stored the
         # entry between this request's miss and its acquire.
         raw = self.wait_client.get(key.entry)
         entry = CacheEntry.from_bytes(raw) if raw else None
-        if entry is not None:
+        if entry is not None and entry != stale:
             self._finish_script(key, lock, "none", STORED, b"", 0, is_error=True)
             return Claim(entry=entry)
         return Claim(holder=True, lock=lock)
 
-    def finish(self, key: CacheKey, claim: Claim, entry: CacheEntry, *, cacheable: bool = True) -> str:
+    def finish(self, key: CacheKey, claim: Claim, entry: CacheEntry, *, cacheable: bool = True,
+               replaces: bytes | None = None, ttl: int | None = None) -> str:
         """End a holder's claim with its result: stored; handed off to the waiters of this
-        moment (a failure that is not cached); or, for an output too large to pass around,
-        the waiters render in parallel. Returns what happened (STORED, HANDOFF or PASS)."""
+        moment (a failure that is not cached, or `share`d); or, for an output too large to
+        pass around, the waiters render in parallel. Returns what happened (STORED, HANDOFF
+        or PASS). `replaces`: the raw stale entry this result may replace even if it is an
+        error. `ttl` overrides the entry's lifetime (seconds)."""
         if cacheable and self.storable(entry):
-            action, token, ttl_ms = "store", STORED, (self.ttl if entry.ok else self.error_ttl) * 1000
-        elif not entry.ok:
+            ttl_s = ttl if ttl is not None and entry.ok else (self.ttl if entry.ok else self.error_ttl)
+            action, token, ttl_ms = "store", STORED, max(1, ttl_s) * 1000
+        elif not entry.ok or claim.share:
             action, token, ttl_ms = "handoff", HANDOFF, HANDOFF_MS
         else:
             action, token, ttl_ms = "pass", PASS, 0
         value = entry.to_bytes() if action != "pass" else b""
-        if not self._finish_quietly(key, claim, action, token, value, ttl_ms, is_error=not entry.ok):
+        stale_sha = hashlib.sha1(replaces).hexdigest() if replaces else ""
+        if not self._finish_quietly(key, claim, action, token, value, ttl_ms, is_error=not entry.ok,
+                                    stale_sha=stale_sha):
             return PASS
         return token
 
     def _finish_quietly(self, key: CacheKey, claim: Claim, action: str, token: str, value: bytes, ttl_ms: int,
-                        *, is_error: bool) -> bool:
+                        *, is_error: bool, stale_sha: str = "") -> bool:
         lock, claim.lock = claim.lock, None
         if lock is None:
             return False
         try:
-            self._finish_script(key, lock, action, token, value, ttl_ms, is_error=is_error)
+            self._finish_script(key, lock, action, token, value, ttl_ms, is_error=is_error, stale_sha=stale_sha)
         except (redis.RedisError, OSError) as exc:
             self._failed("finish", exc)
             return False
@@ -426,10 +543,10 @@ class Cache:
         return True
 
     def _finish_script(self, key: CacheKey, lock: RenderLock, action: str, token: str, value: bytes, ttl_ms: int,
-                       *, is_error: bool) -> None:
+                       *, is_error: bool, stale_sha: str = "") -> None:
         lock.stop_renewal()
         self._finish(
             keys=[key.entry, "lock:" + key.lock, key.wake, key.waiters, key.handoff, key.passed],
-            args=[lock.id, action, value, max(1, ttl_ms), "1" if is_error else "0", HANDOFF_MS, token],
+            args=[lock.id, action, value, max(1, ttl_ms), "1" if is_error else "0", HANDOFF_MS, token, stale_sha],
             client=self.wait_client,
         )

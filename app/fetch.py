@@ -60,12 +60,34 @@ def system_resolver(host: str, port: int) -> list[IPAddress]:
 
 
 @dataclass(frozen=True)
+class Validators:
+    """The upstream's ETag / Last-Modified of a stored source, sent back to revalidate it."""
+
+    etag: str = ""
+    last_modified: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
 class Source:
-    """What the upstream sent: the body, and the URL it finally came from."""
+    """What the upstream sent: the body, the URL it finally came from and its validators.
+    `not_modified` is a 304 to a conditional request: no body, the stored one is current."""
 
     body: bytes
     url: SourceURL
     fetch_seconds: float
+    validators: Validators = Validators()
+    not_modified: bool = False
 
 
 class _DeadlinePassed(Exception):
@@ -239,22 +261,31 @@ class Fetcher:
 
     def fetch_source(
         self, url: SourceURL, url_policy: URLPolicy, *, deadline: float | None = None,
-        hold_bytes: Callable[[int], None] | None = None,
+        validators: Validators | None = None, hold_bytes: Callable[[int], None] | None = None,
     ) -> Source:
         """`deadline` (time.monotonic) is the request's own, when it ends before
-        UPSTREAM_TIMEOUT would: the fetch never outlives the request budget. `hold_bytes(n)`
-        is told, before the body grows past n bytes, how much memory it needs: the service's
-        memory budget admits fetched bodies as they arrive (it may raise to refuse)."""
+        UPSTREAM_TIMEOUT would: the fetch never outlives the request budget. With
+        `validators`, the request is conditional and a 304 returns `not_modified`.
+        `hold_bytes(n)` is told, before the body grows past n bytes, how much memory it
+        needs: the service's memory budget admits fetched bodies as they arrive (it may
+        raise to refuse)."""
         started = time.monotonic()
         deadline = min(started + self.timeout, deadline or float("inf"))
+        conditional = validators.headers() if validators else {}
         try:
             for _hop in range(MAX_REDIRECTS + 1):
-                response = self._get(url, deadline)
+                response = self._get(url, deadline, conditional)
                 try:
+                    found = Validators(response.headers.get("ETag", "")[:200],
+                                       response.headers.get("Last-Modified", "")[:100])
+                    if response.status_code == 304:
+                        return Source(body=b"", url=url, fetch_seconds=time.monotonic() - started,
+                                      validators=found if found else (validators or found), not_modified=True)
                     location = _redirect_target(response)
                     if location is None:
                         body = self._read_body(response, deadline, hold_bytes)
-                        return Source(body=body, url=url, fetch_seconds=time.monotonic() - started)
+                        return Source(body=body, url=url, fetch_seconds=time.monotonic() - started,
+                                      validators=found)
                 finally:
                     response.close()
                 url = self._next_hop(url, location, url_policy)
@@ -273,10 +304,13 @@ class Fetcher:
         url_policy.check(target)
         return target
 
-    def _get(self, url: SourceURL, deadline: float) -> requests.Response:
+    def _get(self, url: SourceURL, deadline: float, conditional: dict[str, str] | None = None) -> requests.Response:
         remaining = _remaining(deadline)
         try:
-            response = self.session.get(str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining))
+            response = self.session.get(
+                str(url), stream=True, allow_redirects=False, timeout=(remaining, remaining),
+                headers=conditional or None,
+            )
         except ProxyError:
             raise
         except requests.exceptions.ConnectTimeout:
@@ -298,7 +332,7 @@ class Fetcher:
         if status in (404, 410):
             response.close()
             raise SourceNotFound(f"upstream answered {status}")
-        if status in (301, 302, 303, 307, 308):
+        if status in (301, 302, 303, 307, 308) or (status == 304 and conditional):
             return response
         if status != 200:
             response.close()

@@ -29,6 +29,14 @@ RENDER_SECONDS = Histogram("image_proxy_render_seconds", "Decode + resize + enco
                            ["format", "width_bucket"], buckets=_TIME_BUCKETS)
 SOURCE_BYTES = Counter("image_proxy_source_bytes_total", "Bytes fetched from upstreams")
 OUTPUT_BYTES = Counter("image_proxy_output_bytes_total", "Image bytes sent to clients")
+SOURCE_REUSE = Counter("image_proxy_source_reuse_total",
+                       "Renders fed by a kept source instead of an upstream download")
+REVALIDATIONS = Counter("image_proxy_revalidations_total",
+                        "Upstream revalidations of a source past its freshness, by result "
+                        "(not_modified, unchanged, changed, failed, not_found, ...)", ["result"])
+STALE_SERVES = Counter("image_proxy_stale_serves_total",
+                       "Stale entries served (X-Cache: STALE) because the upstream failed")
+PURGED = Counter("image_proxy_purged_entries_total", "Cache entries removed by POST /admin/purge")
 ERRORS = Counter("image_proxy_errors_total", "Failed image requests by kind (upstream, source, guard, busy)",
                  ["kind"])
 

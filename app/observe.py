@@ -21,7 +21,7 @@ from app.log_format import json_line, logfmt, utc_now
 
 access_log = logging.getLogger("image_proxy.access")
 #: Children resolved once: labels() takes a lock and builds a key on every call.
-_CACHE_RESULTS = {status: metrics.CACHE.labels(status.lower()) for status in ("HIT", "MISS", "BYPASS")}
+_CACHE_RESULTS = {status: metrics.CACHE.labels(status.lower()) for status in ("HIT", "MISS", "BYPASS", "STALE")}
 
 
 def start_request() -> None:
@@ -76,6 +76,8 @@ def _count(endpoint: str, response: Response, served: Served | None, image_reque
     if served is None or image_request is None:
         return
     _CACHE_RESULTS[served.cache_status].inc()
+    if served.cache_status == "STALE":
+        metrics.STALE_SERVES.inc()
     if not served.entry.ok:
         metrics.ERRORS.labels(served.entry.kind).inc()
     timings = served.timings

@@ -144,6 +144,16 @@ def _bind(text: str) -> str:
 
 def _optional_bind(text: str) -> str:
     return _bind(text) if text.strip() else ""
+def _admin_token(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    # A short token can be guessed over the network; refuse it at start, not at first use.
+    if len(text) < 16:
+        raise ValueError("must be at least 16 characters (or empty to switch /admin off)")
+    if not re.fullmatch(r"[\x21-\x7e]+", text):
+        raise ValueError("expected printable ASCII without spaces")
+    return text
 
 
 def _token(text: str) -> str:
@@ -193,7 +203,10 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("redis_cluster", _bool, "false", "Treat REDIS_URL as one node of a Redis Cluster."),
     Spec("redis_timeout", _seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS)."),
     Spec("redis_maxmemory", _int(0), str(256 * MIB), "Embedded Redis only: bytes of cache before least-recently-used entries are evicted (0 = no limit)."),
-    Spec("cache_ttl", _int(1), "86400", "Seconds a rendered image stays in the cache."),
+    Spec("cache_ttl", _int(1), "86400", "Seconds a rendered image is fresh (served without asking the upstream); it is kept STALE_TTL longer."),
+    Spec("stale_ttl", _int(0), "604800", "Seconds an entry is kept after CACHE_TTL ends: revalidated on the next request, served with X-Cache: STALE while the upstream fails (see docs/cache-lifecycle.md)."),
+    Spec("source_ttl", _int(0), "300", "Seconds a fetched source is kept in Redis so other sizes and formats of it render without another download (0 = not kept)."),
+    Spec("source_max_bytes", _int(0), str(8 * MIB), "Sources larger than this are not kept (each variant then fetches its own)."),
     Spec("error_ttl", _int(0), "10", "Seconds a failure is cached, so waiters and followers get it without refetching."),
     Spec("max_cache_entry_bytes", _int(1), str(16 * MIB), "Outputs larger than this are served but not cached."),
     Spec("upstream_timeout", _seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body (never past the request budget)."),
@@ -216,6 +229,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("front_page", _bool, "on", "Serve the try-it page at /; off makes / a 404."),
     Spec("trusted_proxies", _networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are."),
     Spec("metrics_bind", _optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only."),
+    Spec("admin_token", _admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404."),
 )
 
 
@@ -229,6 +243,9 @@ class Settings:
     redis_timeout: float = 0.25
     redis_maxmemory: int = 256 * MIB
     cache_ttl: int = 86400
+    stale_ttl: int = 604800
+    source_ttl: int = 300
+    source_max_bytes: int = 8 * MIB
     error_ttl: int = 10
     max_cache_entry_bytes: int = 16 * MIB
     upstream_timeout: float = 20.0
@@ -251,6 +268,7 @@ class Settings:
     front_page: bool = True
     trusted_proxies: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
     metrics_bind: str = ""
+    admin_token: str = field(default="", repr=False)  # a secret: never printed
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

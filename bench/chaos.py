@@ -378,6 +378,55 @@ def leaks(env: Env) -> list[Row]:
                 notes=f"worker fds {before[0]} -> {after[0]}, threads {before[1]} -> {after[1]}")]
 
 
+STALE_OUTAGE_S = 60.0
+
+
+def stale(env: Env, outage: float = STALE_OUTAGE_S) -> list[Row]:
+    """Upstream down (half the sources 503, half refusing) for `outage` seconds under load,
+    after every cached variant's freshness ended: stale-if-error must answer all of them."""
+    server = env.gunicorn(cache_ttl="2", stale_ttl="3600")
+    paths = [f"validated/photos/{name}" for name in PHOTOS]
+    urls = [env.url(server, path, w=w) for path in paths for w in (160, 480)]
+    warmed = [timed_get(url)[0] for url in urls]
+    time.sleep(2.5)  # CACHE_TTL is 2 s: every entry is now past its freshness
+    for index, path in enumerate(paths):
+        env.upstream.failing[path.split("/", 1)[1]] = 503 if index % 2 else "refuse"
+    attempts_before = sum(env.upstream.hits["/" + path] for path in paths)
+    stop_at = time.monotonic() + outage
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            n = 0
+            while time.monotonic() < stop_at and n < 20000:
+                result = timed_get(urls[(index + n) % len(urls)], session)
+                n += 1
+                with lock:
+                    results.append(result)
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    attempts = sum(env.upstream.hits["/" + path] for path in paths) - attempts_before
+    env.upstream.failing.clear()
+    recovered = time.monotonic()
+    # Back up: once the failure marker (ERROR_TTL, 10 s) lapses, a revalidation renews each.
+    while timed_get(urls[0])[2] != "HIT" and time.monotonic() - recovered < 30:
+        time.sleep(0.2)
+    back = time.monotonic() - recovered
+    caches = {c: sum(1 for _, _, x in results if x == c) for c in {x for _, _, x in results}}
+    return [Row(f"upstream down {outage:.0f} s after freshness", f"c4 over {len(urls)} cached variants "
+                f"({len(paths)} sources), 503 / refused", len(results),
+                sum(1 for status, _, _ in results if status != 200) + sum(1 for s in warmed if s != 200),
+                [t for _, t, _ in results], recovery=f"HIT {back:.1f} s after the upstream returned",
+                notes=f"X-Cache {caches}; upstream attempts during the outage: {attempts} "
+                "(one per source per ERROR_TTL at most)")]
+
+
 SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "flood": flood,
     "burst": burst,
@@ -390,6 +439,7 @@ SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "trickle": trickle,
     "leaks": leaks,
     "hostile": hostile,
+    "stale": stale,
 }
 NEEDS_REDIS = {"holder", "stall", "dedup"}
 
@@ -408,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated scenario names: " + ", ".join(SCENARIOS))
     parser.add_argument("--dedup-rounds", type=int, default=DEDUP_ROUNDS, help="rounds per dedup case")
+    parser.add_argument("--stale-seconds", type=float, default=STALE_OUTAGE_S,
+                        help="how long the upstream stays down in the stale scenario")
     args = parser.parse_args(argv)
     SCENARIOS["dedup"] = functools.partial(dedup, rounds=args.dedup_rounds)
+    SCENARIOS["stale"] = functools.partial(stale, outage=args.stale_seconds)
     chosen = [name for name in SCENARIOS if not args.only or name in args.only.split(",")]
     rows: list[Row] = []
     started = time.monotonic()

@@ -18,6 +18,13 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
                                  Set-Cookie in its variants (plain, Path, Domain= the host,
                                  its parent, an IP), plus N cookies of S bytes; a 302 to
                                  <path> when `then` is given, else a small 200
+  /validated/<path>              /<path> with ETag + Last-Modified; honours If-None-Match /
+                                 If-Modified-Since with 304. Switches (keyed by <path>):
+                                 `replaced[path] = other` serves /<other>'s bytes instead (a
+                                 changed source: new ETag and Last-Modified); `failing[path] =
+                                 503` (any status) or "refuse" (the connection is closed
+                                 without an answer). Counted in `conditional` (requests that
+                                 carried a validator), `not_modified` (304s) and `bodies`.
 Hits are counted per path (without the /v/<nonce> prefix) so tests can assert fetch counts.
 """
 
@@ -50,6 +57,11 @@ class Upstream:
         self.hits: Counter[str] = Counter()
         self.headers_seen: list[dict[str, str]] = []
         self.pages: dict[str, str] = {}
+        self.replaced: dict[str, str] = {}
+        self.failing: dict[str, int | str] = {}
+        self.conditional: Counter[str] = Counter()
+        self.not_modified: Counter[str] = Counter()
+        self.bodies: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -74,6 +86,15 @@ class Upstream:
         with self._lock:
             self.hits.clear()
             self.headers_seen.clear()
+            self.replaced.clear()
+            self.failing.clear()
+            self.conditional.clear()
+            self.not_modified.clear()
+            self.bodies.clear()
+
+    def count(self, counter: Counter[str], path: str) -> None:
+        with self._lock:
+            counter[path] += 1
 
     def start(self) -> Upstream:
         self.thread.start()
@@ -201,6 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._set_cookies(query)
         if path == "/echo":
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
+        if match := re.fullmatch(r"/validated/((?:photos|edge)/[A-Za-z0-9_.-]+)", path):
+            return self._validated(match.group(1))
         if match := re.fullmatch(r"/slow-image/([0-9.]+)/(.*)", path):
             time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
@@ -209,6 +232,36 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(float(match.group(1)))
             return self._route("/" + match.group(2), query)
         return self._send(404, b"no such route", "text/plain")
+
+    def _validated(self, path: str) -> None:
+        import hashlib
+        from email.utils import formatdate
+
+        up = self.upstream
+        failing = up.failing.get(path)
+        if failing == "refuse":
+            self.close_connection = True
+            return None
+        if failing is not None:
+            return self._send(int(failing), b"upstream is down", "text/plain")
+        file = up.corpus / up.replaced.get(path, path)
+        body = file.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        # A different file gives a different (later) Last-Modified, like a re-upload would.
+        modified = formatdate(1_600_000_000 + int(hashlib.sha256(body).hexdigest()[:6], 16), usegmt=True)
+        validators = {"ETag": etag, "Last-Modified": modified}
+        inm, ims = self.headers.get("If-None-Match"), self.headers.get("If-Modified-Since")
+        if inm or ims:
+            up.count(up.conditional, path)
+            if (inm and inm == etag) or (not inm and ims == modified):
+                up.count(up.not_modified, path)
+                self.send_response(304)
+                for name, value in validators.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                return None
+        up.count(up.bodies, path)
+        return self._send(200, body, extra=validators)
 
 
 class Blackhole:

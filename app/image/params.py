@@ -37,13 +37,19 @@ class ImageRequest:
         """The source's digest (shared by every variant of one URL, so its keys sit in one
         Redis Cluster slot) and the variant's. `negotiated` is left out on purpose:
         format=auto answered with AVIF and format=avif are the same bytes, one entry."""
-        source = hashlib.sha256(str(self.url).encode()).hexdigest()[:24]
+        source = source_digest(self.url)
         variant = f"{PIPELINE_VERSION}\n{self.width}\n{self.quality}\n{self.format}"
         return CacheKey(source, hashlib.sha256(variant.encode()).hexdigest()[:16])
 
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]
+
+
+def source_digest(url: SourceURL) -> str:
+    """The hash tag of every key of one normalized source URL (variants, kept source,
+    freshness record): what /admin/purge deletes by."""
+    return hashlib.sha256(str(url).encode()).hexdigest()[:24]
 
 
 def parse_request(

@@ -1,12 +1,19 @@
 """serve(image_request) -> Served: the one place that knows the order of a request.
 
-    cache.get ──hit──► done
-        │ miss
+    cache.look (entry + source record + failure marker, one round trip)
+        ├─ fresh ──► HIT
+        ├─ stale and the upstream failed moments ago ──► STALE
+        │ miss, or stale (then replaced, not answered, unless the upstream fails)
         ▼
     cache.claim(key) ──another request's result (stored or handed off)──► done
         │ holder (or: the holder's output was too large to share, render in parallel)
         ▼
-    admission → fetch → render → cache.finish (store / hand off / pass) → done
+    admission → current source (app/image/sources.py: kept / one fetch fleet-wide /
+                revalidated) → render, or renew the stale entry (a 304: HIT, no render)
+              → cache.finish (store / hand off / pass) → done
+    upstream down (5xx, refused, timeout) with a stale entry ──► STALE, handed to the waiters
+
+Freshness rules (fresh, stale, expired; per source) live in app/image/freshness.py.
 
 One deadline, started when the request arrives (REQUEST_BUDGET), bounds every wait on
 this path: the lock wait, the admission check, the fetch and the wait for a render slot.
@@ -18,17 +25,21 @@ followers get the same answer without another fetch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 
-from app.cache import Cache, CacheEntry, CacheUnavailable, LockWaitTimeout
+from app.cache import Cache, CacheEntry, CacheKey, CacheUnavailable, LockWaitTimeout
 from app.errors import Busy, OutOfMemory, ProxyError
 from app.fetch import Fetcher
 from app.guard import URLPolicy
+from app.image import freshness
 from app.image.admission import Admission
+from app.image.freshness import SourceRecord, stamped
 from app.image.params import ImageRequest
+from app.image.sources import UPSTREAM_DOWN, SourceProvider
 from app.memory import MemoryBudget
 from app.render import Rendered, RenderOptions, render
 from app.render.estimate import estimate_peak
@@ -36,7 +47,9 @@ from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
 
-HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
+HIT, MISS, BYPASS, STALE = "HIT", "MISS", "BYPASS", "STALE"
+#: Marks the copy of a stale entry handed to the waiters of a failed revalidation.
+_SERVED_STALE = "served_stale"
 
 
 @dataclass
@@ -51,7 +64,7 @@ class Timings:
 @dataclass(frozen=True)
 class Served:
     entry: CacheEntry
-    cache_status: str  # HIT, MISS or BYPASS
+    cache_status: str  # HIT, MISS, BYPASS or STALE
     waited: bool = False  # another request rendered it while this one waited
     timings: Timings = field(default_factory=Timings)
     #: The failure behind an error entry that must not be cached (a 503, a loop): answered
@@ -64,11 +77,14 @@ class Served:
 
 
 class ImageService:
-    def __init__(self, settings: Settings, cache: Cache, fetcher: Fetcher, memory: MemoryBudget) -> None:
+    def __init__(
+        self, settings: Settings, cache: Cache, fetcher: Fetcher, kept: Cache | None, memory: MemoryBudget
+    ) -> None:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
         self.memory = memory
+        self.sources = SourceProvider(settings, cache, kept or cache, fetcher)
         self.admission = Admission(max_in_flight=settings.miss_places, render_slots=settings.render_slots)
 
     def serve(self, request: ImageRequest, url_policy: URLPolicy) -> Served:
@@ -76,20 +92,41 @@ class ImageService:
         deadline = started + self.settings.request_budget
         key = request.cache_key()
         try:
-            entry = self.cache.get(key)
+            look = self.cache.look(key)
         except CacheUnavailable:
             return self._produce(request, url_policy, BYPASS, deadline)
-        if entry is not None:
-            return Served(entry, HIT)
+        stale = fallback = None
+        if look.entry is not None:
+            state = freshness.state(look.entry, SourceRecord.from_bytes(look.record), time.time(),
+                                    self.settings.stale_ttl)
+            if state == freshness.FRESH:
+                return Served(look.entry, HIT)
+            if state == freshness.STALE:
+                if look.failing:
+                    return self._stale(look.entry, "the upstream failed moments ago")
+                fallback = look.entry
+            stale = look.entry  # out of date: replaced by what the revalidation brings
         try:
-            with self.cache.claim(key, deadline) as claim:
+            with self.cache.claim(key, deadline, stale=stale) as claim:
                 if claim.entry is not None:
                     timings = Timings(wait_s=time.monotonic() - started)
+                    if claim.entry.meta.get(_SERVED_STALE):
+                        return Served(claim.entry, STALE, waited=True, timings=timings)
                     status = MISS if claim.handed_off else HIT
                     return Served(claim.entry, status, waited=True, timings=timings)
-                served = self._produce(request, url_policy, MISS, deadline, raise_uncacheable=False)
+                served = self._produce(request, url_policy, MISS, deadline, raise_uncacheable=False, key=key,
+                                       stale=stale, fallback=fallback)
                 if claim.holder:
-                    self.cache.finish(key, claim, served.entry, cacheable=served.cacheable)
+                    if served.cache_status == STALE:
+                        # Hand the stale entry to this moment's waiters; store nothing, so a
+                        # failed revalidation never extends the stale window.
+                        claim.share = True
+                        marked = dataclasses.replace(served.entry, meta={**served.entry.meta, _SERVED_STALE: True})
+                        self.cache.finish(key, claim, marked, cacheable=False)
+                    else:
+                        self.cache.finish(key, claim, served.entry, cacheable=served.cacheable,
+                                          replaces=look.raw if stale is not None else None,
+                                          ttl=self._entry_ttl(served.entry))
                 if not served.cacheable:
                     raise served.error  # type: ignore[misc]
                 return served
@@ -98,61 +135,107 @@ class ImageService:
         except CacheUnavailable:
             return self._produce(request, url_policy, BYPASS, deadline)
 
+    def _stale(self, entry: CacheEntry, reason: str, timings: Timings | None = None) -> Served:
+        log.warning("serving a stale entry (X-Cache: STALE): %s", reason)
+        return Served(entry, STALE, timings=timings or Timings())
+
+    def _entry_ttl(self, entry: CacheEntry) -> int | None:
+        """An image lives until its stale window ends: its stamp plus STALE_TTL."""
+        fresh_until = entry.meta.get("fresh_until") if entry.ok else None
+        if not isinstance(fresh_until, (int, float)):
+            return None
+        return max(1, int(fresh_until + self.settings.stale_ttl - time.time()) + 1)
+
     def _produce(
         self, request: ImageRequest, url_policy: URLPolicy, status: str, deadline: float,
-        *, raise_uncacheable: bool = True,
+        *, raise_uncacheable: bool = True, key: CacheKey | None = None, stale: CacheEntry | None = None,
+        fallback: CacheEntry | None = None,
     ) -> Served:
         """Fetch and render under admission control. A ProxyError becomes an error entry
         (to store for ERROR_TTL or hand to the waiters); one that must not be cached is
-        raised, or returned with `cacheable=False` for a lock holder to hand over first."""
+        raised, or returned with `cacheable=False` for a lock holder to hand over first.
+        With a `fallback` (a stale entry still inside its window), an upstream that is down
+        gives that entry as STALE instead of the error."""
         timings = Timings()
         try:
             try:
                 with self.admission.miss(deadline):
-                    entry = self._render_source(request, url_policy, timings, deadline)
+                    entry, status = self._render_current(request, url_policy, timings, deadline, status, key, stale)
             except MemoryError:
                 # Anywhere on this path (the body join, an encoder buffer): the machine's
                 # state, not the image's fault, so a 503 that is never stored.
                 raise OutOfMemory("not enough memory for this image right now; retry shortly", retry_after=5) from None
         except ProxyError as exc:
+            if fallback is not None and exc.kind in UPSTREAM_DOWN:
+                return self._stale(fallback, f"revalidation failed: {exc.message}", timings)
             if not exc.cacheable and raise_uncacheable:
                 raise
             return Served(error_entry(exc), status, timings=timings, error=None if exc.cacheable else exc)
         return Served(entry, status, timings=timings)
 
-    def _render_source(
-        self, request: ImageRequest, url_policy: URLPolicy, timings: Timings, deadline: float
-    ) -> CacheEntry:
-        # Memory first, then CPU: the body is admitted into the service's memory budget as it
-        # arrives, the render by its estimated peak before it takes a render slot. What does
-        # not fit waits within the request budget (then 503); what never could is a 400.
+    def _render_current(
+        self, request: ImageRequest, url_policy: URLPolicy, timings: Timings, deadline: float, status: str,
+        key: CacheKey | None, stale: CacheEntry | None,
+    ) -> tuple[CacheEntry, str]:
+        """The entry to answer with and its X-Cache: a render of the current source, or the
+        stale entry renewed (HIT) when the upstream says it has not changed."""
+        # Memory first, then CPU: the source body is admitted into the service's memory
+        # budget as it arrives (or as it is read back from the kept copy), the render by its
+        # estimated peak before it takes a render slot (_render_body). What does not fit
+        # waits within the request budget (then 503); what never could is a 400.
         with self.memory.reserve(0, deadline) as body_held:
-            source = self.fetcher.fetch_source(
-                request.url, url_policy, deadline=deadline,
-                hold_bytes=lambda total: body_held.grow(total - body_held.nbytes, deadline),
-            )
-            timings.upstream_s = source.fetch_seconds
-            timings.source_bytes = len(source.body)
-            options = RenderOptions(
-                width=request.width,
-                quality=request.quality,
-                format=request.format,
-                max_pixels=self.settings.max_source_pixels,
-                max_frames=self.settings.max_animation_frames,
-                input_formats=self.settings.input_formats,
-            )
-            timings.memory_estimate = estimate_peak(source.body, options)
 
-            def timed_render() -> Rendered:
-                started = time.monotonic()  # on the render thread: slot waiting is not render time
+            def hold(total: int) -> None:
+                body_held.grow(total - body_held.nbytes, deadline)
+
+            record: SourceRecord | None = None
+            body: bytes | None = None
+            if key is not None:
                 try:
-                    return render(source.body, options)
-                finally:
-                    timings.render_s = time.monotonic() - started
+                    current = self.sources.current(key, request.url, url_policy, deadline, stale, hold_bytes=hold)
+                except CacheUnavailable:
+                    current = None
+                if current is not None:
+                    record, body = current.record, current.body
+                    if current.fetched is not None:
+                        timings.upstream_s = current.fetched.fetch_seconds
+                        timings.source_bytes = len(current.fetched.body)
+                    if body is None:
+                        assert stale is not None
+                        return stamped(stale, record), HIT
+            if body is None:
+                source = self.fetcher.fetch_source(request.url, url_policy, deadline=deadline, hold_bytes=hold)
+                timings.upstream_s = source.fetch_seconds
+                timings.source_bytes = len(source.body)
+                body = source.body
+            hold(max(body_held.nbytes, len(body)))
+            entry = self._render_body(request, body, timings, deadline)
+        # Without a record (Redis failed mid-way), the render vouches for itself until CACHE_TTL.
+        record = record or SourceRecord(freshness.digest_of(body), time.time() + self.settings.cache_ttl)
+        return stamped(entry, record), status
 
-            memory_deadline = deadline - self.admission.render_seconds
-            with self.memory.reserve(timings.memory_estimate, memory_deadline):
-                rendered = self.admission.render(timed_render, deadline)
+    def _render_body(self, request: ImageRequest, body: bytes, timings: Timings, deadline: float) -> CacheEntry:
+        source_body = body
+        options = RenderOptions(
+            width=request.width,
+            quality=request.quality,
+            format=request.format,
+            max_pixels=self.settings.max_source_pixels,
+            max_frames=self.settings.max_animation_frames,
+            input_formats=self.settings.input_formats,
+        )
+
+        def timed_render() -> Rendered:
+            started = time.monotonic()  # on the render thread: slot waiting is not render time
+            try:
+                return render(source_body, options)
+            finally:
+                timings.render_s = time.monotonic() - started
+
+        timings.memory_estimate = estimate_peak(source_body, options)
+        memory_deadline = deadline - self.admission.render_seconds
+        with self.memory.reserve(timings.memory_estimate, memory_deadline):
+            rendered = self.admission.render(timed_render, deadline)
         return CacheEntry(
             status=200,
             body=rendered.body,
@@ -163,7 +246,7 @@ class ImageService:
                 "height": rendered.height,
                 "frames": rendered.frames,
                 "source_format": rendered.source_format,
-                "source_bytes": len(source.body),
+                "source_bytes": len(source_body),
                 "source_width": rendered.source_width,
                 "source_height": rendered.source_height,
             },

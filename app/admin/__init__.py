@@ -1,0 +1,1 @@
+"""/admin: warm and purge (app/admin/views.py)."""
