@@ -40,7 +40,7 @@ chaos: $(STAMP)
 	bash scripts/install-test-packages.sh
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
-# Production install (notes/deploy.md, Install), run as root: runtime dependencies only
+# Production install (docs/deployment.md), run as root: runtime dependencies only
 # (requirements.txt and the package itself, built as a wheel, not editable; no test tools)
 # into $(PREFIX)/venv, plus gunicorn.conf.py and wsgi.py beside it. Everything is owned by
 # root and not writable by anyone else, so the service user can read and run the code but

@@ -1,8 +1,9 @@
 """image-proxy: an image-optimizing HTTP proxy (the Flask app is built by app.factory.create_app).
 
-This package's __init__ imports nothing: the gunicorn master imports app.settings and
-app.embedded_redis, and anything imported here would be loaded into the master and handed
-to every worker it forks, so a reload (HUP) would keep serving the old code.
+This package's __init__ imports nothing: the gunicorn master imports app.settings,
+app.embedded_redis and app.memory (standard library only), and anything imported here
+would be loaded into the master and handed to every worker it forks, so a reload (HUP)
+would keep serving the old code.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
     @app.after_request
     def version_header(response: Response) -> Response:
         # Which code answered: during a rolling upgrade (HUP, or one VM after another) the
-        # operator watches this header change (notes/deploy.md, Upgrades).
+        # operator watches this header change (docs/upgrades.md).
         response.headers["X-Image-Proxy-Version"] = __version__
         return response
 

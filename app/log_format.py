@@ -4,7 +4,7 @@ Anything a client or an upstream sends (a path with %0a, an upstream error text)
 up in a log line. Every line is passed through escape_controls, so a CR or LF can never
 start a forged line and no terminal escape reaches an operator's screen: C0 controls, DEL,
 C1 controls and the Unicode line/paragraph separators become backslash escapes. A traceback
-is therefore one line too, with its line breaks written as \\n (see notes/deploy.md, Logs).
+is therefore one line too, with its line breaks written as \\n (see docs/monitoring.md).
 
 No Flask here: the formatters are plain logging.Formatter subclasses.
 """

@@ -11,7 +11,7 @@ from app.render.canvas import Canvas, Frame, RenderOptions
 
 #: JPEG draft decodes at 1/2, 1/4 or 1/8 scale: the smallest scale whose image is still at
 #: least `margin` times the target, and the resize gets draft's box. The margin depends on the
-#: output format and on the scale (notes/perf.md, "Draft margin"; 9 photos, q75):
+#: output format and on the scale (BENCHMARKS.md, "Render speed and AVIF bytes"; 9 photos, q75):
 #: - WebP, whose encode is cheap: 1.25 at 1/4 and 1/8, where libjpeg's scaled IDCT is soft
 #:   and LANCZOS must do part of the reduction (w=640: SSIM 0.9535 against 0.9509 at 1);
 #:   1 at 1/2, whose IDCT is nearly exact (w=1920: SSIM -0.0005 for 0.9x the CPU, as a 10 MP

@@ -1,7 +1,7 @@
 """Encode the frames as WebP or AVIF, with no metadata, at the mapped quality.
 
 Encoder settings are measured, not guessed (BENCHMARKS.md has the sweep); the AVIF quality
-map makes q mean the same look in both formats (README, "Quality").
+map makes q mean the same look in both formats (docs/image-fidelity.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class EncoderSettings:
 
     # libwebp's method 2 skips the trellis/RD passes of 3 and 4: 0.55-0.7x the render CPU for
     # +4 % bytes at equal SSIM on small outputs (where draft's box gives SSIM to spare) but +10 %
-    # at w=1920, so outputs over webp_small_pixels keep method 4 (notes/perf.md, "WebP method").
+    # at w=1920, so outputs over webp_small_pixels keep method 4 (BENCHMARKS.md, "Render speed and AVIF bytes").
     webp_method: int = 4
     webp_method_small: int = 2
     webp_small_pixels: int = 1_000_000
@@ -45,7 +45,7 @@ os.environ.setdefault("SVT_LOG", "1")
 
 #: SVT-AV1 speed 7 at 4:2:0 with tune 3 (SVT's still-image "IQ" tune): at equal quality 0.80-0.88x
 #: the bytes of its default PSNR tune by SSIMULACRA2, the same by luma SSIM, at the same CPU; aom
-#: at 4:4:4 needs 1.4-2x the CPU to do as well (notes/perf.md, "AVIF encoder").
+#: at 4:4:4 needs 1.4-2x the CPU to do as well (BENCHMARKS.md, "Render speed and AVIF bytes").
 ENCODER = EncoderSettings(avif_advanced=(("tune", "3"),))
 
 #: SVT-AV1 4.1 (through libavif) hangs, never returning, on a side of 24 px or less when the
@@ -59,7 +59,7 @@ WEBP_METHOD, AVIF_SPEED, AVIF_CODEC = ENCODER.webp_method, ENCODER.avif_speed, E
 
 #: (webp q, avif encoder quality) pairs with equal mean luma SSIM on the 9-photo corpus at
 #: w=640 and w=1920 (`python -m bench.quality_map`, 2026-12-01 with SVT tune 3 and WebP method 2
-#: up to 1 MP; notes/perf.md); linear in between.
+#: up to 1 MP; BENCHMARKS.md); linear in between.
 #: 50..95 are measured; 1 and 100 are the ends of the scale, not measurements.
 AVIF_QUALITY_MAP: tuple[tuple[int, int], ...] = (
     (1, 1),

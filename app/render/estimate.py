@@ -7,7 +7,7 @@ so the estimate costs what opening the header costs, and the figures it reads (d
 frame count, output size) are the ones the render will use.
 
 The model, per render (all terms in bytes; the constants are measured by
-`python -m bench.memory_model`, its table is in notes/membudget.md):
+`python -m bench.memory_model`, its table is in BENCHMARKS.md and docs/memory.md):
 
     peak = FIXED[format]                                   codec contexts, allocator slack
          + (DECODE[source format] + MODE_EXTRA[mode])      one decoded frame and its working

@@ -1,6 +1,6 @@
 """Convert colour to sRGB through the source's ICC profile, and give every frame RGB or RGBA.
 
-Decision (README, "Colour"): pixels are converted to sRGB and no profile is carried. An
+Decision (docs/image-fidelity.md): pixels are converted to sRGB and no profile is carried. An
 untagged WebP/AVIF is shown as sRGB by every browser, the output is a few KB smaller than
 with a carried profile, and no viewer that ignores profiles can show it wrong.
 

@@ -2,8 +2,8 @@
 a throwaway user; then the installed service is started the way its systemd unit says and
 serves an image.
 
-The commands are read from the install block of the operator docs (docs/deployment.md,
-else notes/deploy.md), so the docs and this test cannot drift. Only paths are moved into a
+The commands are read from the install block of the operator docs (docs/deployment.md),
+so the docs and this test cannot drift. Only paths are moved into a
 temporary directory (/opt/image-proxy, /etc/...) and the user name made unique; `systemctl`
 lines are not run because this machine has no systemd as PID 1: instead the test checks
 the installed unit with `systemd-analyze verify` / `security --offline` and starts its
@@ -38,12 +38,11 @@ DEBIAN_ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 
 def install_block() -> list[str]:
-    for doc in (ROOT / "docs" / "deployment.md", ROOT / "notes" / "deploy.md"):
-        if doc.exists():
-            found = re.search(r"<!-- install:begin -->\n```sh\n(.*?)```\n<!-- install:end -->", doc.read_text(), re.S)
-            if found:
-                return [line for line in found.group(1).splitlines() if line.strip()]
-    raise AssertionError("no <!-- install:begin --> block in docs/deployment.md or notes/deploy.md")
+    doc = ROOT / "docs" / "deployment.md"
+    found = re.search(r"<!-- install:begin -->\n```sh\n(.*?)```\n<!-- install:end -->", doc.read_text(), re.S)
+    if found:
+        return [line for line in found.group(1).splitlines() if line.strip()]
+    raise AssertionError("no <!-- install:begin --> block in docs/deployment.md")
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
