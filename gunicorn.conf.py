@@ -82,9 +82,11 @@ graceful_timeout = _settings.graceful_seconds
 keepalive = 5
 # A 2048-character source URL, percent-encoded, plus the other parameters.
 limit_request_line = 8190
-# Recycle workers now and then so a slow leak in a native library cannot grow forever.
-max_requests = 5000
-max_requests_jitter = 500
+# Workers recycle themselves after IMAGE_PROXY_RECYCLE_RENDERS renders (app/factory.py):
+# renders are what can leak, and a request count would recycle a worker every few seconds
+# under a flood of cache hits (thousands per second). This is only a far backstop.
+max_requests = 1_000_000
+max_requests_jitter = 100_000
 accesslog = None  # the app writes one structured line per request itself
 errorlog = "-"
 loglevel = "info"
@@ -142,6 +144,8 @@ def post_fork(server: object, worker: object) -> None:
     # the new version), not the copies the master loaded when it started.
     for name in [name for name in sys.modules if name == "app" or name.startswith("app.")]:
         del sys.modules[name]
+    # Tells the app it runs in a gunicorn worker, which may recycle itself (app/factory.py).
+    os.environ["_IMAGE_PROXY_GUNICORN_WORKER"] = "1"
 
 
 def child_exit(server: object, worker: object) -> None:

@@ -13,6 +13,7 @@ only local processes allowed by the socket file's mode can connect.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -20,7 +21,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse(text: str) -> Address | None:
+    # Cached: every request parses its peer (a handful of proxies and clients recur); the
+    # cache is bounded, and addresses are immutable.
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [2001:db8::1]:443 or [2001:db8::1]
         text = text[1 : text.index("]")]

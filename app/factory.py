@@ -12,7 +12,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
+import signal
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -23,6 +26,7 @@ from app.errors import ProxyError
 from app.fetch import Fetcher, Resolver, system_resolver
 from app.front.views import bp as front_bp
 from app.guard import AddressPolicy
+from app.image.fresh_hits import FreshHits
 from app.image.serve import ImageService
 from app.image.views import bp as image_bp
 from app.listener import arrived_on, is_loopback_peer
@@ -83,7 +87,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
     )
     # Under gunicorn the master's ledger (one budget for all workers), else this process's own.
     memory = process_budget(settings.memory_budget, settings.workers, embedded_maxmemory)
-    service = ImageService(settings, cache, fetcher, kept, memory)
+    service = ImageService(settings, cache, fetcher, kept, memory, **_recycling(settings))
     app.extensions["image_proxy"] = Services(settings, cache, fetcher, service)
 
     app.register_blueprint(image_bp)
@@ -105,7 +109,25 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
         response.headers["X-Image-Proxy-Version"] = __version__
         return response
 
+    # Fresh cache hits skip Flask's machinery, with the same answer (app/image/fresh_hits.py).
+    app.wsgi_app = FreshHits(app, app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+def _recycling(settings: Settings) -> dict[str, Any]:
+    """Under gunicorn (its post_fork hook marks the worker), a worker leaves gracefully after
+    RECYCLE_RENDERS renders, with a per-worker jitter of up to 10 % so they do not all leave at
+    once: SIGTERM to itself is gunicorn's graceful exit, and the master forks a fresh worker.
+    Outside gunicorn nothing is recycled."""
+    if not os.environ.get(WORKER_MARK) or not settings.recycle_renders:
+        return {}
+    jitter = random.randint(0, settings.recycle_renders // 10)
+    return {"recycle_after": settings.recycle_renders + jitter,
+            "recycle": lambda: os.kill(os.getpid(), signal.SIGTERM)}
+
+
+#: Set by gunicorn.conf.py's post_fork in each worker.
+WORKER_MARK = "_IMAGE_PROXY_GUNICORN_WORKER"
 
 
 def _configure_logging(log_format: str) -> None:

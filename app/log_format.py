@@ -33,9 +33,13 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(_escape_one, text)
 
 
+#: What makes a logfmt value need quotes: a space, quote, =, backslash or a control character.
+_NEEDS_QUOTES = re.compile(r'[ "=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+
+
 def _logfmt_value(value: object) -> str:
-    text = str(value)
-    if text and not _CONTROLS.search(text) and not any(char in text for char in ' "=\\'):
+    text = value if isinstance(value, str) else str(value)
+    if text and not _NEEDS_QUOTES.search(text):
         return text
     # Quoted: backslash and quote escaped first, so the control escapes that follow stay
     # unambiguous (a literal backslash-n in a path reads as \\n, a newline as \n).

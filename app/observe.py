@@ -8,16 +8,20 @@ address, or the X-Forwarded-For entry that trusted proxies vouch for (app.client
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
+from werkzeug.wrappers import Request
 
 from app import metrics
 from app.client_address import client_address
 from app.image.params import ImageRequest
 from app.image.serve import Served
 from app.log_format import json_line, logfmt, utc_now
+from app.settings import Settings
 
 access_log = logging.getLogger("image_proxy.access")
 #: Children resolved once: labels() takes a lock and builds a key on every call.
@@ -29,20 +33,30 @@ def start_request() -> None:
 
 
 def finish_request(response: Response) -> Response:
-    served = g.get("served")
-    image_request = g.get("image_request")
-    endpoint = request.endpoint or "unknown"
+    record(current_app.extensions["image_proxy"].settings, request, response.status_code,
+           response.content_length or 0, g.get("served"), g.get("image_request"),
+           g.get("started", time.monotonic()), endpoint=request.endpoint or "unknown",
+           error_reason=g.get("error_reason"), error_kind=g.get("error_kind"))
+    return response
+
+
+def record(
+    settings: Settings, req: Request, status: int, sent_bytes: int, served: Served | None,
+    image_request: ImageRequest | None, started: float,
+    *, endpoint: str, error_reason: str | None = None, error_kind: str | None = None,
+) -> None:
+    """One request's log line and metrics: called by Flask's after_request and by the
+    fresh-hit path (app/image/fresh_hits.py), so both write the same line."""
     fmt = image_request.format if image_request is not None else ""
-    total_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
-    settings = current_app.extensions["image_proxy"].settings
-    forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
-    record: dict[str, object] = {
-        "client": client_address(request.remote_addr, forwarded_for, settings.trusted_proxies),
-        "method": request.method,
-        "path": request.path,
-        "status": response.status_code,
+    total_ms = (time.monotonic() - started) * 1000
+    forwarded_for = req.environ.get("HTTP_X_FORWARDED_FOR", "")
+    line: dict[str, object] = {
+        "client": client_address(req.remote_addr, forwarded_for, settings.trusted_proxies),
+        "method": req.method,
+        "path": req.path,
+        "status": status,
         "cache": served.cache_status if served else "",
-        "bytes": response.content_length or 0,
+        "bytes": sent_bytes,
         "upstream_ms": round(served.timings.upstream_s * 1000, 1) if served else 0,
         "render_ms": round(served.timings.render_s * 1000, 1) if served else 0,
         # The render's estimated peak, admitted into the memory budget (0: nothing rendered).
@@ -51,13 +65,12 @@ def finish_request(response: Response) -> Response:
     }
     if image_request is not None:
         # The source host, not the full URL: query strings of sources can carry tokens.
-        record.update(source=image_request.url.host, w=image_request.width, q=image_request.quality, format=fmt)
-    error = g.get("error_reason") or (served.entry.error if served and not served.entry.ok else "")
+        line.update(source=image_request.url.host, w=image_request.width, q=image_request.quality, format=fmt)
+    error = error_reason or (served.entry.error if served and not served.entry.ok else "")
     if error:
-        record["error"] = error
-    _log(record, settings.log_format)
-    _count(endpoint, response, served, image_request)
-    return response
+        line["error"] = error
+    _log(line, settings.log_format)
+    _count(endpoint, req.method, status, sent_bytes, served, image_request, error_kind)
 
 
 def _log(record: dict[str, object], log_format: str) -> None:
@@ -68,11 +81,12 @@ def _log(record: dict[str, object], log_format: str) -> None:
         access_log.info(logfmt(record))
 
 
-def _count(endpoint: str, response: Response, served: Served | None, image_request: ImageRequest | None) -> None:
+def _count(endpoint: str, method: str, status: int, sent_bytes: int, served: Served | None,
+           image_request: ImageRequest | None, error_kind: str | None) -> None:
     fmt = image_request.format if image_request is not None else ""
-    metrics.REQUESTS.labels(endpoint, str(response.status_code), fmt).inc()
-    if g.get("error_kind"):
-        metrics.ERRORS.labels(g.error_kind).inc()
+    _requests_child(endpoint, status, fmt).inc()
+    if error_kind:
+        metrics.ERRORS.labels(error_kind).inc()
     if served is None or image_request is None:
         return
     _CACHE_RESULTS[served.cache_status].inc()
@@ -89,8 +103,15 @@ def _count(endpoint: str, response: Response, served: Served | None, image_reque
         metrics.SOURCE_BYTES.inc(timings.source_bytes)
     if timings.render_s:
         metrics.RENDER_SECONDS.labels(fmt, metrics.width_bucket(image_request.width)).observe(timings.render_s)
-    if response.status_code == 200 and request.method == "GET":
-        metrics.OUTPUT_BYTES.inc(response.content_length or 0)
+    if status == 200 and method == "GET":
+        metrics.OUTPUT_BYTES.inc(sent_bytes)
+
+
+@functools.lru_cache(maxsize=512)
+def _requests_child(endpoint: str, status: int, fmt: str) -> Any:
+    # labels() takes a lock and builds a key on every call; the combinations are few
+    # (endpoints x statuses x formats), and the cache is bounded anyway.
+    return metrics.REQUESTS.labels(endpoint, str(status), fmt)
 
 
 def install(app: Flask) -> None:

@@ -215,6 +215,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget."),
     Spec("max_queue", _derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS."),
     Spec("memory_budget", _size, "", "Bytes (K/M/G suffixes) the whole service may use, renders and fetched bodies included; empty: 80 % of the cgroup limit or RAM."),
+    Spec("recycle_renders", _int(0), "2000", "A worker is replaced gracefully after this many renders (+ up to 10 % jitter), so a slow leak in a native codec cannot grow; 0 = never. Hits do not count."),
     Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
     Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
     Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
@@ -254,6 +255,7 @@ class Settings:
     render_slots: int = 2
     max_queue: int | None = None  # None: derived, see miss_places
     memory_budget: int = 0  # 0: derived from the cgroup limit or RAM (app/memory.py)
+    recycle_renders: int = 2000
     max_source_bytes: int = 32 * MIB
     max_source_pixels: int = 50_000_000
     max_width: int = 8192

@@ -45,9 +45,18 @@ def _lower_priority() -> None:
 
 
 class Admission:
-    def __init__(self, *, max_in_flight: int, render_slots: int) -> None:
+    def __init__(
+        self, *, max_in_flight: int, render_slots: int, recycle_after: int = 0,
+        recycle: Callable[[], None] | None = None,
+    ) -> None:
         self.max_in_flight = max_in_flight
         self.render_slots = render_slots
+        # Native decoders and encoders can leak slowly; hits cannot. So a worker is recycled
+        # after `recycle_after` renders (0: never), not after a request count that a hit
+        # flood would reach every few seconds.
+        self.recycle_after = recycle_after
+        self._recycle = recycle
+        self._renders = 0
         self._in_flight = 0
         self._queued = 0  # renders waiting for a slot or running
         self._render_s = INITIAL_RENDER_S
@@ -115,6 +124,10 @@ class Admission:
             elapsed = time.monotonic() - started
             with self._lock:
                 self._render_s += EWMA_WEIGHT * (elapsed - self._render_s)
+                self._renders += 1
+                due = self.recycle_after and self._renders == self.recycle_after
+            if due and self._recycle is not None:
+                self._recycle()
 
     def _retry_after(self) -> int:
         return max(1, min(30, round(self.drain_seconds())))

@@ -29,9 +29,10 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.cache import Cache, CacheEntry, CacheKey, CacheUnavailable, LockWaitTimeout
+from app.cache import Cache, CacheEntry, CacheKey, CacheUnavailable, LockWaitTimeout, Look
 from app.errors import Busy, OutOfMemory, ProxyError
 from app.fetch import Fetcher
 from app.guard import URLPolicy
@@ -78,14 +79,18 @@ class Served:
 
 class ImageService:
     def __init__(
-        self, settings: Settings, cache: Cache, fetcher: Fetcher, kept: Cache | None, memory: MemoryBudget
+        self, settings: Settings, cache: Cache, fetcher: Fetcher, kept: Cache | None, memory: MemoryBudget,
+        *, recycle_after: int = 0, recycle: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
         self.memory = memory
         self.sources = SourceProvider(settings, cache, kept or cache, fetcher)
-        self.admission = Admission(max_in_flight=settings.miss_places, render_slots=settings.render_slots)
+        self.admission = Admission(
+            max_in_flight=settings.miss_places, render_slots=settings.render_slots,
+            recycle_after=recycle_after, recycle=recycle,
+        )
 
     def serve(self, request: ImageRequest, url_policy: URLPolicy) -> Served:
         started = time.monotonic()
@@ -97,8 +102,7 @@ class ImageService:
             return self._produce(request, url_policy, BYPASS, deadline)
         stale = fallback = None
         if look.entry is not None:
-            state = freshness.state(look.entry, SourceRecord.from_bytes(look.record), time.time(),
-                                    self.settings.stale_ttl)
+            state = self._state(look)
             if state == freshness.FRESH:
                 return Served(look.entry, HIT)
             if state == freshness.STALE:
@@ -134,6 +138,19 @@ class ImageService:
             raise Busy("another request for this image is still rendering; retry shortly", retry_after=2) from None
         except CacheUnavailable:
             return self._produce(request, url_policy, BYPASS, deadline)
+
+    def fresh_hit(self, request: ImageRequest) -> Served | None:
+        """The answer when the entry is in the cache and fresh (one Redis round trip), else
+        None: everything else (miss, stale, Redis down) is serve()'s. Raises
+        CacheUnavailable."""
+        look = self.cache.look(request.cache_key())
+        if look.entry is not None and self._state(look) == freshness.FRESH:
+            return Served(look.entry, HIT)
+        return None
+
+    def _state(self, look: Look) -> str:
+        assert look.entry is not None
+        return freshness.state(look.entry, SourceRecord.from_bytes(look.record), time.time(), self.settings.stale_ttl)
 
     def _stale(self, entry: CacheEntry, reason: str, timings: Timings | None = None) -> Served:
         log.warning("serving a stale entry (X-Cache: STALE): %s", reason)

@@ -1,4 +1,6 @@
-"""The /image blueprint: the only code that reads flask.request for images."""
+"""The /image blueprint, and the pieces of it the fresh-hit path (app/image/fresh_hits.py)
+shares: reading a request into an ImageRequest, and the response for a Served entry. Both take
+the werkzeug request explicitly, so the two paths cannot answer differently."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.wrappers import Request
 
 from app.errors import LoopDetected
 from app.guard import URLPolicy
 from app.image.params import ImageRequest, parse_request
 from app.image.serve import Served
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
+from app.settings import Settings
 
 bp = Blueprint("image", __name__)
 
@@ -22,24 +26,27 @@ CACHE_CONTROL = "public, max-age=31536000, immutable"
 @bp.route("/image", methods=["GET", "HEAD"], provide_automatic_options=False)
 def image() -> Response:
     services = current_app.extensions["image_proxy"]
-    settings = services.settings
-    # WSGI joins repeated Via headers into one value, so one environ lookup sees them all.
-    if settings.via_token.lower() in request.environ.get("HTTP_VIA", "").lower():
-        raise LoopDetected("this request already passed through this service (Via header); refusing a loop")
-    url_policy = URLPolicy(allowed_hosts=settings.allowed_hosts, self_origins=self_origins(settings.bind))
-    image_request = parse_request(
-        request.args.to_dict(flat=False), request.headers.get("Accept", ""), settings, url_policy
-    )
+    image_request, url_policy = read_request(request, services.settings)
     g.image_request = image_request
     served = services.service.serve(image_request, url_policy)
     g.served = served
-    return image_response(served, image_request)
+    return image_response(served, image_request, request)
 
 
-def self_origins(bind: str) -> frozenset[str]:
+def read_request(req: Request, settings: Settings) -> tuple[ImageRequest, URLPolicy]:
+    """The ImageRequest and the URL policy for one /image request, or a ProxyError (400)."""
+    # WSGI joins repeated Via headers into one value, so one environ lookup sees them all.
+    if settings.via_token.lower() in req.environ.get("HTTP_VIA", "").lower():
+        raise LoopDetected("this request already passed through this service (Via header); refusing a loop")
+    url_policy = URLPolicy(allowed_hosts=settings.allowed_hosts, self_origins=self_origins(settings.bind, req.host))
+    image_request = parse_request(req.args.to_dict(flat=False), req.headers.get("Accept", ""), settings, url_policy)
+    return image_request, url_policy
+
+
+def self_origins(bind: str, called_host: str | None = None) -> frozenset[str]:
     """host:port pairs that reach this service: what the client called, and the bind."""
     origins = set()
-    host = request.host.lower()
+    host = (called_host if called_host is not None else request.host).lower()
     if re.fullmatch(r".*:[0-9]+", host) and not host.endswith("]"):
         origins.add(host)
     else:
@@ -53,19 +60,27 @@ def self_origins(bind: str) -> frozenset[str]:
     return frozenset(origins)
 
 
-def image_response(served: Served, image_request: ImageRequest) -> Response:
+def image_response(served: Served, image_request: ImageRequest, req: Request) -> Response:
     entry = served.entry
     if not entry.ok:
         response = error_response(entry.status, entry.error, retry_after=entry.retry_after)
         response.headers.update(_common_headers(served, image_request))
         return response
-    # One header list for the constructor: Headers.update() searches the list once per name.
+    if entry.etag and req.if_none_match.contains_weak(entry.etag.strip('"')):
+        return Response(status=304, headers=image_headers(served, image_request, with_body=False))
+    return Response(entry.body, status=200, headers=image_headers(served, image_request))
+
+
+def image_headers(served: Served, image_request: ImageRequest, *, with_body: bool = True) -> list[tuple[str, str]]:
+    """Every header of a successful image answer (a 304 has all but those of the body), as
+    one list: the fresh-hit path sends it as is, the Flask view builds a Response from it."""
+    entry = served.entry
     headers = [("Cache-Control", CACHE_CONTROL), ("ETag", entry.etag), *source_headers(entry.meta).items(),
                *_common_headers(served, image_request)]
-    if entry.etag and request.if_none_match.contains_weak(entry.etag.strip('"')):
-        return Response(status=304, headers=headers)
-    headers.append(("Content-Disposition", content_disposition(image_request)))
-    return Response(entry.body, status=200, content_type=entry.content_type, headers=headers)
+    if with_body:
+        headers += [("Content-Disposition", content_disposition(image_request)),
+                    ("Content-Type", entry.content_type), ("Content-Length", str(len(entry.body)))]
+    return headers
 
 
 def _common_headers(served: Served, image_request: ImageRequest) -> list[tuple[str, str]]:

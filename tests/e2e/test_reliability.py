@@ -286,3 +286,21 @@ def _resources(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
     return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": threads}
+
+
+def test_a_worker_recycles_itself_after_its_renders_not_after_hits(start_gunicorn, upstream):
+    server = start_gunicorn(workers="1", recycle_renders="3")
+    (first,) = server.workers()
+    hit = image(server, upstream, PHOTO, w=40)
+    with requests.Session() as session:
+        assert session.get(hit, timeout=30).status_code == 200  # render 1
+        for _ in range(200):  # hits never count
+            assert session.get(hit, timeout=30).headers["X-Cache"] == "HIT"
+    assert server.workers() == [first]
+    statuses = [requests.get(image(server, upstream, PHOTO, w=41 + i), timeout=30).status_code for i in range(3)]
+    assert statuses == [200, 200, 200], "the render that triggers the recycle is answered"
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up and server.workers() in ([first], []):
+        time.sleep(0.1)
+    assert server.workers() and first not in server.workers(), "the worker left gracefully and was replaced"
+    assert requests.get(hit, timeout=30).headers["X-Cache"] == "HIT"

@@ -237,3 +237,27 @@ def test_no_header_is_sent_twice(client, upstream, path):
     for response in (client.get(image_url(upstream, path, w=50)), client.get(image_url(upstream, path, w=50))):
         names = [name.lower() for name, _ in response.headers]
         assert len(names) == len(set(names)), names
+
+
+@pytest.mark.parametrize("fmt", ["webp", "auto"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_the_fresh_hit_path_answers_exactly_as_the_flask_view(client, upstream, fmt, method):
+    """A fresh hit is answered by app/image/fresh_hits.py without Flask; a conditional request
+    that does not match goes through the blueprint. Both must give the same answer."""
+    path = f"/image?url={quote(upstream.url('photos/portrait_1200x1800.jpg'), safe='')}&w=120&format={fmt}"
+    assert client.get(path, headers={"Accept": "image/avif"}).status_code == 200  # now cached
+    fast = client.open(path, method=method, headers={"Accept": "image/avif"})
+    flask_path = client.open(path, method=method, headers={"Accept": "image/avif", "If-None-Match": '"other"'})
+    assert fast.status_code == flask_path.status_code == 200
+    assert fast.headers["X-Cache"] == flask_path.headers["X-Cache"] == "HIT"
+    assert sorted(fast.headers.items()) == sorted(flask_path.headers.items())
+    assert fast.get_data() == flask_path.get_data()
+    assert (len(fast.get_data()) > 0) == (method == "GET")
+
+
+def test_a_stored_failure_is_answered_with_its_status_on_every_hit(client, upstream):
+    path = f"/image?url={quote(upstream.url('status/404'), safe='')}"
+    first, second = client.get(path), client.get(path)
+    assert (first.status_code, second.status_code) == (404, 404)
+    assert second.headers["X-Cache"] == "HIT"
+    assert second.headers["Cache-Control"] == "no-store" and second.json["error"]
