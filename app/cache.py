@@ -20,6 +20,7 @@ becomes `CacheUnavailable`, which serve() turns into an uncached answer (X-Cache
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,11 @@ WAIT_STEP_S = 1.0
 HANDOFF_MS = 3000
 
 STORED, HANDOFF, PASS = "stored", "handoff", "pass"
+
+
+#: What a Redis call can raise when Redis is slow or gone. RedisCluster raises
+#: RedisClusterException (not a RedisError) when no node answers.
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 class CacheUnavailable(Exception):
@@ -261,7 +267,7 @@ class RenderLock(redis_lock.Lock):
                 lock.lost = True
                 log.warning("render lock %s was lost (expired or taken over) while held", name)
                 return
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 # Retry well before the expiry the last renewal set can pass.
                 log.info("render lock %s: renewal failed (%s); retrying", name, exc)
                 wait = min(1.0, interval / 4)
@@ -333,7 +339,7 @@ class Cache:
     def ping(self) -> None:
         try:
             self.client.ping()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("ping", exc) from None
         self._answered()
 
@@ -342,7 +348,7 @@ class Cache:
     def get(self, key: CacheKey) -> CacheEntry | None:
         try:
             raw = self.client.get(key.entry)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("get", exc) from None
         self._answered()
         return CacheEntry.from_bytes(raw) if raw else None
@@ -352,7 +358,7 @@ class Cache:
         (one hash tag, so one slot in a Cluster too)."""
         try:
             raw, record, failing = self.client.mget([key.entry, key.record, key.failing])
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("get", exc) from None
         self._answered()
         return Look(CacheEntry.from_bytes(raw) if raw else None, raw, record, bool(failing))
@@ -364,19 +370,19 @@ class Cache:
             pipe.set(key.record, record, ex=max(1, ttl))
             pipe.delete(key.failing)
             pipe.execute()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("set record", exc) from None
 
     def get_record(self, key: CacheKey) -> bytes | None:
         try:
             return self.client.get(key.record)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("get record", exc) from None
 
     def mark_failing(self, key: CacheKey, seconds: float) -> None:
         try:
             self.client.set(key.failing, b"1", px=max(1, int(seconds * 1000)))
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._failed("set failure marker", exc)
 
     def purge(self, source: str) -> int:
@@ -403,7 +409,7 @@ class Cache:
             for name in others:
                 pipe.delete(name)
             deleted = pipe.execute()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("purge", exc) from None
         return sum(int(n) for n in deleted[: len(entries)])
 
@@ -422,7 +428,7 @@ class Cache:
             else:
                 # An error never replaces a stored image.
                 self.client.set(key.entry, entry.to_bytes(), ex=ttl, nx=True)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._failed("set", exc)
             return False
         self._answered()
@@ -446,7 +452,7 @@ class Cache:
                           strict=not self.cluster)
         try:
             found = self._claim(lock, key, deadline, stale)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._failed("lock", exc) from None
         try:
             yield found
@@ -501,11 +507,19 @@ class Cache:
     def _as_holder(self, lock: RenderLock, key: CacheKey, stale: CacheEntry | None = None) -> Claim:
         # Re-read after every successful acquire: the previous holder may have stored the
         # entry between this request's miss and its acquire.
-        raw = self.wait_client.get(key.entry)
-        entry = CacheEntry.from_bytes(raw) if raw else None
-        if entry is not None and entry != stale:
-            self._finish_script(key, lock, "none", STORED, b"", 0, is_error=True)
-            return Claim(entry=entry)
+        try:
+            raw = self.wait_client.get(key.entry)
+            entry = CacheEntry.from_bytes(raw) if raw else None
+            if entry is not None and entry != stale:
+                self._finish_script(key, lock, "none", STORED, b"", 0, is_error=True)
+                return Claim(entry=entry)
+            # A new moment: the previous holder's handoff and pass marker are not its
+            # waiters' answer (they are kept 3 s only for the waiters of that moment).
+            self.wait_client.delete(key.handoff, key.passed)
+        except BaseException:
+            with contextlib.suppress(*REDIS_ERRORS, redis_lock.NotAcquired):
+                lock.release()  # never leave a lock (and its renewer) behind
+            raise
         return Claim(holder=True, lock=lock)
 
     def finish(self, key: CacheKey, claim: Claim, entry: CacheEntry, *, cacheable: bool = True,
@@ -536,7 +550,7 @@ class Cache:
             return False
         try:
             self._finish_script(key, lock, action, token, value, ttl_ms, is_error=is_error, stale_sha=stale_sha)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._failed("finish", exc)
             return False
         self._answered()

@@ -30,6 +30,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from app.errors import (
+    Busy,
     ProxyError,
     SourceNotAllowed,
     SourceNotFound,
@@ -291,8 +292,13 @@ class Fetcher:
                 url = self._next_hop(url, location, url_policy)
             raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
         except _DeadlinePassed:
-            waited = min(self.timeout, time.monotonic() - started)
-            raise UpstreamTimeout(f"upstream did not deliver the image within {waited:.3g} s") from None
+            if deadline < started + self.timeout:
+                # The request's own budget ran out first (it waited for a lock, memory or a
+                # slot): that says nothing about the upstream, so a 503 that is not stored
+                # and does not mark the source as failing.
+                raise Busy("this request ran out of time before the image arrived; retry shortly",
+                           retry_after=2) from None
+            raise UpstreamTimeout(f"upstream did not deliver the image within {self.timeout:g} s") from None
 
     def _next_hop(self, current: SourceURL, location: str, url_policy: URLPolicy) -> SourceURL:
         try:

@@ -313,6 +313,15 @@ class MemoryBudget:
                     )
                 self._changed.wait(min(POLL_S, remaining))
 
+    def _shrink(self, reservation: Reservation, nbytes: int) -> None:
+        self._check_fork()
+        with self._changed:
+            ledger = self._view()
+            with ledger.locked():
+                reservation.nbytes = nbytes
+                ledger.write(reservation.index, ledger.pid, ledger.start, reservation.token, nbytes, 0)
+            self._changed.notify_all()
+
     def _release(self, reservation: Reservation) -> None:
         if self._owner != os.getpid():
             return  # a forked child's copy: the row belongs to the parent
@@ -351,6 +360,12 @@ class Reservation:
             raise RuntimeError("grow() on a released reservation")
         if extra > 0:
             self.budget._grow(self, int(extra), deadline)
+
+    def shrink_to(self, nbytes: int) -> None:
+        """Hold only `nbytes` from now on (never more than now): a body whose join is done
+        gives back the chunks' copy."""
+        if not self.released and 0 <= nbytes < self.nbytes:
+            self.budget._shrink(self, int(nbytes))
 
     def release(self) -> None:
         with self._lock:

@@ -26,6 +26,9 @@ from app.settings import Settings
 
 WSGIApp = Any  # (environ, start_response) -> iterable of bytes
 PARSED_MAX = 4096
+#: Keys (query string, Host, Accept, Via...) longer than this are not remembered, so the memo
+#: stays under PARSED_MAX x a few KB per worker whatever clients send.
+PARSED_KEY_MAX = 3072
 
 
 class FreshHits:
@@ -45,9 +48,10 @@ class FreshHits:
         found = self._parsed.get(key)
         if found is None:
             found, _ = read_request(req, settings)
-            if len(self._parsed) >= PARSED_MAX:
-                self._parsed.clear()
-            self._parsed[key] = found
+            if sum(map(len, key)) <= PARSED_KEY_MAX:  # large keys are parsed, never kept
+                if len(self._parsed) >= PARSED_MAX:
+                    self._parsed.clear()
+                self._parsed[key] = found
         return found
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

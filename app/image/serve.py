@@ -225,13 +225,17 @@ class ImageService:
                 timings.upstream_s = source.fetch_seconds
                 timings.source_bytes = len(source.body)
                 body = source.body
+            # The join is done: from here on the body is held once.
             hold(max(body_held.nbytes, len(body)))
-            entry = self._render_body(request, body, timings, deadline)
+            body_held.shrink_to(len(body))
+            entry = self._render_body(request, body, timings, deadline, body_held.nbytes)
         # Without a record (Redis failed mid-way), the render vouches for itself until CACHE_TTL.
         record = record or SourceRecord(freshness.digest_of(body), time.time() + self.settings.cache_ttl)
         return stamped(entry, record), status
 
-    def _render_body(self, request: ImageRequest, body: bytes, timings: Timings, deadline: float) -> CacheEntry:
+    def _render_body(
+        self, request: ImageRequest, body: bytes, timings: Timings, deadline: float, body_bytes: int = 0
+    ) -> CacheEntry:
         source_body = body
         options = RenderOptions(
             width=request.width,
@@ -250,6 +254,9 @@ class ImageService:
                 timings.render_s = time.monotonic() - started
 
         timings.memory_estimate = estimate_peak(source_body, options)
+        if timings.memory_estimate + body_bytes > self.memory.limit:
+            # It could never fit beside its own body: a 400 now, not a wait that blocks the queue.
+            raise self.memory.never_fits(timings.memory_estimate + body_bytes)
         memory_deadline = deadline - self.admission.render_seconds
         with self.memory.reserve(timings.memory_estimate, memory_deadline):
             rendered = self.admission.render(timed_render, deadline)

@@ -149,3 +149,14 @@ def test_redis_cluster_caches_and_dedups_with_hash_tagged_keys(cluster, settings
     stored = list(client.scan_iter(match="ip:*:v:*", target_nodes=RedisCluster.ALL_NODES))
     assert len(stored) == 1
     client.close()
+
+
+def test_a_redis_cluster_that_is_gone_gives_bypass_not_500(cluster, settings, upstream):
+    # RedisCluster raises RedisClusterException (not a RedisError) when no node answers.
+    app = create_app(settings.replace(redis_url=cluster.url, redis_cluster=True))
+    path = f"/image?url={quote(upstream.url(PHOTO), safe='')}&w=120"
+    assert app.test_client().get(path).headers["X-Cache"] == "MISS"
+    cluster.stop()
+    response = app.test_client().get(path)
+    assert response.status_code == 200 and response.headers["X-Cache"] == "BYPASS"
+    assert app.test_client().get("/healthz").status_code == 503

@@ -155,8 +155,10 @@ def test_the_request_budget_bounds_the_fetch_of_a_holder_too(settings, upstream)
     path = image_path(upstream, f"slow-image/4/{PHOTO}", w=90)
     started = time.monotonic()
     response = app.test_client().get(path)
-    assert response.status_code == 504
+    # The budget, not UPSTREAM_TIMEOUT, cut the fetch: a 503 to retry, never stored.
+    assert response.status_code == 503 and response.headers["Retry-After"].isdigit()
     assert time.monotonic() - started < 1.0 + 0.5
+    assert app.test_client().get(path).headers.get("X-Cache") != "HIT", "the 503 was not stored"
 
 
 def test_a_switched_off_input_format_is_refused_without_a_redeploy_of_code(settings, upstream):
@@ -167,3 +169,20 @@ def test_a_switched_off_input_format_is_refused_without_a_redeploy_of_code(setti
     assert "IMAGE_PROXY_INPUT_FORMATS" in refused.json["error"]
     assert client.get(image_path(upstream, "edge/plain.bmp")).status_code == 400
     assert client.get(image_path(upstream, PHOTO, w=50)).status_code == 200
+
+
+def test_a_render_that_fits_the_budget_only_without_its_own_body_is_a_400_at_once(settings, upstream, corpus):
+    from app.memory import service_baseline
+    from app.render import RenderOptions
+    from app.render.estimate import estimate_peak
+
+    body = (corpus / PHOTO).read_bytes()
+    estimate = estimate_peak(body, RenderOptions(width=0, quality=75, format="webp"))
+    # Room for the render alone, not for the render beside the fetched body it renders.
+    budget = service_baseline(settings.workers, None) + estimate + len(body) // 2
+    app = create_app(settings.replace(memory_budget=budget))
+    started = time.monotonic()
+    response = app.test_client().get(image_path(upstream, PHOTO))
+    assert response.status_code == 400
+    assert "IMAGE_PROXY_MEMORY_BUDGET" in response.json["error"]
+    assert time.monotonic() - started < 5, "refused at once, not after waiting for room that never comes"
