@@ -236,6 +236,13 @@ class MemoryBudget:
 
     # -- reserving --------------------------------------------------------------------------
 
+    def _busy(self) -> Busy:
+        return Busy(
+            f"the service's memory budget ({self.limit / MB:.0f} MB for renders) is in use "
+            "by other images right now; retry shortly",
+            retry_after=2,
+        )
+
     def never_fits(self, nbytes: int) -> OverMemoryBudget:
         return OverMemoryBudget(
             f"this image needs about {nbytes / MB:.0f} MB of memory to render, more than the "
@@ -277,11 +284,7 @@ class MemoryBudget:
                                 ledger.write(mine, ledger.pid, ledger.start, token, nbytes, ticket)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise Busy(
-                            f"the service's memory budget ({self.limit / MB:.0f} MB for renders) is in use "
-                            "by other images right now; retry shortly",
-                            retry_after=2,
-                        )
+                        raise self._busy()
                     self._changed.wait(min(POLL_S, remaining))
             finally:
                 if mine is not None:  # gave up while waiting: leave the queue
@@ -306,11 +309,7 @@ class MemoryBudget:
                         return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise Busy(
-                        f"the service's memory budget ({self.limit / MB:.0f} MB for renders) is in use "
-                        "by other images right now; retry shortly",
-                        retry_after=2,
-                    )
+                    raise self._busy()
                 self._changed.wait(min(POLL_S, remaining))
 
     def _shrink(self, reservation: Reservation, nbytes: int) -> None:

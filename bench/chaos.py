@@ -108,21 +108,31 @@ def hit_loop(url: str, until: Callable[[], bool], limit: int = 2000, pause: floa
 # -- scenarios ---------------------------------------------------------------------------
 
 
-def flood(env: Env) -> list[Row]:
-    """A cold page: 64 distinct misses at once, while a client keeps asking for a cached image."""
-    server = env.gunicorn()
+@contextlib.contextmanager
+def hits_meanwhile(env: Env, server: Gunicorn) -> Iterator[list[Result]]:
+    """One client asking for a cached image in a loop while the block runs; the yielded list
+    holds its results once the block is done."""
     hit_url = env.url(server, "photos/waterfall_1800x1200.jpg", w=320)
     timed_get(hit_url)
     done = threading.Event()
+    hits: list[Result] = []
     with ThreadPoolExecutor(1) as hitter:
-        hits_future = hitter.submit(hit_loop, hit_url, done.is_set)
-        with ThreadPoolExecutor(64) as pool:
-            misses = list(pool.map(
-                lambda i: timed_get(env.url(server, f"v/flood{i}/photos/{PHOTOS[i % len(PHOTOS)]}", w=640)),
-                range(64),
-            ))
-        done.set()
-        hits = hits_future.result()
+        future = hitter.submit(hit_loop, hit_url, done.is_set)
+        try:
+            yield hits
+        finally:
+            done.set()
+            hits.extend(future.result())
+
+
+def flood(env: Env) -> list[Row]:
+    """A cold page: 64 distinct misses at once, while a client keeps asking for a cached image."""
+    server = env.gunicorn()
+    with hits_meanwhile(env, server) as hits, ThreadPoolExecutor(64) as pool:
+        misses = list(pool.map(
+            lambda i: timed_get(env.url(server, f"v/flood{i}/photos/{PHOTOS[i % len(PHOTOS)]}", w=640)),
+            range(64),
+        ))
     ok = sum(1 for s, _, _ in misses if s == 200)
     busy = sum(1 for s, _, _ in misses if s == 503)
     # A page's <img> that got a 503 stays broken (browsers do not retry it): every one of
@@ -142,16 +152,10 @@ def burst(env: Env) -> list[Row]:
     from tests.dedup_rounds import one_round
 
     server = env.gunicorn()
-    hit_url = env.url(server, "photos/waterfall_1800x1200.jpg", w=320)
-    timed_get(hit_url)
-    done = threading.Event()
-    with ThreadPoolExecutor(1) as hitter:
-        hits_future = hitter.submit(hit_loop, hit_url, done.is_set)
+    with hits_meanwhile(env, server) as hits:
         started = time.monotonic()
         fetches, statuses, bodies, cache = one_round([server.base], env.upstream, "photos/panda_3872x2592.jpg", 120)
         elapsed = time.monotonic() - started
-        done.set()
-        hits = hits_future.result()
     return [
         Row("burst: identical", "120 identical requests for one new image, w=64", len(statuses),
             sum(1 for s in statuses if s != 200), [elapsed], notes=f"upstream fetches: {fetches}; "

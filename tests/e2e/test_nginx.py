@@ -108,6 +108,15 @@ class Nginx:
                 self.process.wait(10)
 
 
+def image_responses(tab) -> list[dict]:
+    """The responses Chromium received for images (DevTools Network.responseReceived)."""
+    return [
+        event["params"]["response"]
+        for event in tab.events
+        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
+    ]
+
+
 @pytest.fixture
 def nginx_binary() -> str:
     return ensure_binary("nginx", "nginx-light")
@@ -199,16 +208,8 @@ def test_img_and_srcset_through_nginx_decode_in_chromium_and_auto_gives_avif(ngi
         ".then(b => createImageBitmap(b)).then(i => i.width)"
     )
     assert decoded == 640
-    types = {
-        event["params"]["response"]["url"]: event["params"]["response"]["mimeType"]
-        for event in tab.events
-        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
-    }
-    protocols = {
-        event["params"]["response"].get("protocol")
-        for event in tab.events
-        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
-    }
+    types = {response["url"]: response["mimeType"] for response in image_responses(tab)}
+    protocols = {response.get("protocol") for response in image_responses(tab)}
     assert protocols == {"h2"}, "Chromium loads the images over HTTP/2 (TLS + ALPN)"
     auto_types = {mime for url, mime in types.items() if "format=auto" in url}
     assert auto_types == {"image/avif"}, "Chromium's Accept names image/avif, so format=auto answers AVIF"
@@ -304,16 +305,8 @@ def test_a_cold_page_of_60_thumbnails_over_h2_decodes_every_image_in_chromium(ng
     tab.wait_for("[...document.images].every(i => i.complete)", timeout=90)
     last_image = time.monotonic() - started
     decoded = tab.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length")
-    statuses = [
-        event["params"]["response"]["status"]
-        for event in tab.events
-        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
-    ]
-    protocols = {
-        event["params"]["response"].get("protocol")
-        for event in tab.events
-        if event.get("method") == "Network.responseReceived" and event["params"].get("type") == "Image"
-    }
+    statuses = [response["status"] for response in image_responses(tab)]
+    protocols = {response.get("protocol") for response in image_responses(tab)}
     print(f"60 cold thumbnails over h2: {decoded} decoded, last one {last_image:.2f} s after navigation")
     assert decoded == 60, f"statuses seen: {sorted(statuses)}"
     assert protocols == {"h2"}
