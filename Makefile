@@ -31,6 +31,7 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=20000 FUZZ_DEADLINE_S=600 $(BIN)/python -m pytest tests/unit/test_fuzz_render.py -q
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y -q wrk >/dev/null 2>&1 || echo "wrk is missing and could not be installed: the wrk hit rows are skipped"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 soak: $(STAMP)
