@@ -71,9 +71,6 @@ class CacheKey:
     source: str  # digest of the normalized source URL
     variant: str  # digest of pipeline version, width, quality and format
 
-    def __str__(self) -> str:
-        return f"{self.source}:{self.variant}"
-
     def _key(self, kind: str) -> str:
         return f"ip:{{{self.source}}}:{kind}:{self.variant}"
 
@@ -247,8 +244,6 @@ class RenderLock(redis_lock.Lock):
     newer holder's entry).
     """
 
-    lost = False
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lost = False
@@ -416,23 +411,6 @@ class Cache:
     def storable(self, entry: CacheEntry) -> bool:
         ttl = self.ttl if entry.ok else self.error_ttl
         return ttl > 0 and len(entry.body) <= self.max_entry_bytes
-
-    def put(self, key: CacheKey, entry: CacheEntry) -> bool:
-        """Store an entry outside any claim (an uncontended render); False when not stored."""
-        if not self.storable(entry):
-            return False
-        ttl = self.ttl if entry.ok else self.error_ttl
-        try:
-            if entry.ok:
-                self.client.set(key.entry, entry.to_bytes(), ex=ttl)
-            else:
-                # An error never replaces a stored image.
-                self.client.set(key.entry, entry.to_bytes(), ex=ttl, nx=True)
-        except REDIS_ERRORS as exc:
-            self._failed("set", exc)
-            return False
-        self._answered()
-        return True
 
     # -- the per-key render claim --------------------------------------------------------
 

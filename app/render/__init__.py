@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.errors import BadSource, OutOfMemory, ProxyError
 from app.render.apply_orientation import apply_orientation
 from app.render.canvas import Canvas, Rendered, RenderOptions
 from app.render.check_pixels import check_pixels
 from app.render.decode import decode_reduced
 from app.render.drop_opaque_alpha import drop_opaque_alpha
 from app.render.encode import encode
+from app.render.failures import as_proxy_errors
 from app.render.normalize_mode import normalize_mode
 from app.render.open_source import open_source
 from app.render.plan_geometry import plan_geometry
@@ -48,19 +48,9 @@ __all__ = ["STEPS", "RenderOptions", "Rendered", "render"]
 def render(data: bytes, options: RenderOptions) -> Rendered:
     canvas = Canvas(data=data)
     try:
-        for step in STEPS:
-            step(canvas, options)
-    except ProxyError:
-        raise
-    except MemoryError:
-        raise OutOfMemory("not enough memory to render this image right now; retry shortly", retry_after=5) from None
-    except Exception as exc:
-        # Frames are decoded lazily, so a decoder error can surface in any later step.
-        # Pillow raises many exception types for bad data; all of them mean the same here.
-        if _from_pillow(exc):
-            reason = (str(exc) or type(exc).__name__)[:160]
-            raise BadSource(f"the image data is corrupt or unsupported: {reason}") from None
-        raise
+        with as_proxy_errors():
+            for step in STEPS:
+                step(canvas, options)
     finally:
         if canvas.image is not None:
             canvas.image.close()
@@ -79,12 +69,3 @@ def render(data: bytes, options: RenderOptions) -> Rendered:
         source_height=source_height,
     )
 
-
-def _from_pillow(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if module.startswith(("PIL.", "pillow_avif")):
-            return True
-        tb = tb.tb_next
-    return False

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from app.render.canvas import Canvas, RenderOptions
 from app.render.check_pixels import check_pixels
 from app.render.decode import decode_reduced
+from app.render.failures import as_proxy_errors
 from app.render.open_source import open_source
 from app.render.plan_geometry import plan_geometry
 from app.render.sniff import sniff
@@ -101,8 +102,9 @@ def render_shape(data: bytes, options: RenderOptions) -> RenderShape:
     """Run the header steps of the pipeline; raises the same 400s render() would for them."""
     canvas = Canvas(data=data)
     try:
-        for step in (sniff, open_source, check_pixels, plan_geometry, decode_reduced):
-            step(canvas, options)
+        with as_proxy_errors():
+            for step in (sniff, open_source, check_pixels, plan_geometry, decode_reduced):
+                step(canvas, options)
         image = canvas.image
         assert image is not None  # open_source returned early only for a GIF check_pixels refused
         width, height = canvas.source_size

@@ -57,7 +57,12 @@ def test_an_error_never_replaces_a_stored_image(cache, redis_client):
 
     cache.finish(key(), Claim(holder=True, lock=lock), FAILURE)
     assert cache.get(key()) == IMAGE
-    assert not cache.put(key(), FAILURE) or cache.get(key()) == IMAGE
+    # Nor does one from a holder whose lock lapsed meanwhile.
+    late = RenderLock(cache.wait_client, key().lock, expire=10)
+    assert late.acquire(blocking=False)
+    cache.wait_client.delete("lock:" + key().lock)
+    cache.finish(key(), Claim(holder=True, lock=late), FAILURE)
+    assert cache.get(key()) == IMAGE
 
 
 def test_a_holder_that_lost_its_lock_does_not_overwrite_the_newer_entry(cache, redis_client):
