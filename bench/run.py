@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -346,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conc", default="1,4")
     parser.add_argument("--q", type=int, default=75)
     parser.add_argument("--skip-limit", action="store_true")
+    parser.add_argument("--wrk-only", type=int, default=0, metavar="REPS",
+                        help="only the wrk hit path, REPS times against a fresh service each, with medians "
+                             "(with c4 on 2 workers, wrk's 4 connections can all land on one worker)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -354,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     formats = args.formats.split(",")
     concs = [int(c) for c in args.conc.split(",")]
 
+    if args.wrk_only:
+        return wrk_reps(args.wrk_only, args.q)
     results: list[Result] = []
     started = time.monotonic()
     with upstream_and_service("image-proxy-bench-") as (server, upstream_port, workdir):
@@ -375,6 +381,26 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"bench-{stamp}.md").write_text(report + "\n")
     (out / f"bench-{stamp}.jsonl").write_text("\n".join(json.dumps(asdict(r)) for r in results) + "\n")
+    return 0
+
+
+def wrk_reps(reps: int, q: int) -> int:
+    """The wrk hit path `reps` times, each on a fresh service; prints each run's ratios to
+    the bare view and their medians (one run's c4 depends on how wrk's connections happen
+    to split between the two workers)."""
+    ratios: dict[int, list[float]] = {1: [], 4: []}
+    scaling: list[float] = []
+    for rep in range(reps):
+        with upstream_and_service("image-proxy-wrk-") as (server, upstream_port, workdir):
+            measured = hit_path_with_wrk(server, upstream_port, q, workdir)
+        runs = {(r.target.startswith("ours"), r.conc): r.img_per_s for r in measured}
+        for conc in (1, 4):
+            ratios[conc].append(runs[(True, conc)] / runs[(False, conc)])
+        scaling.append(runs[(True, 4)] / runs[(True, 1)])
+        print(f"rep {rep}: ours {runs[(True, 1)]:.0f} / {runs[(True, 4)]:.0f} req/s, bare {runs[(False, 1)]:.0f} / "
+              f"{runs[(False, 4)]:.0f}; ours / bare c1 {ratios[1][-1]:.2f}, c4 {ratios[4][-1]:.2f}", flush=True)
+    print(f"medians over {reps}: ours / bare c1 {statistics.median(ratios[1]):.2f}, "
+          f"c4 {statistics.median(ratios[4]):.2f}; ours c4 / c1 {statistics.median(scaling):.2f}")
     return 0
 
 
