@@ -1,21 +1,29 @@
-"""Rendered images and failures in Redis, and the per-key render claim: the only Redis code.
+"""Rendered images, failures and kept sources in Redis, and the per-key claim: the only Redis code.
 
-A hit is one GET. A miss claims the key (`Cache.claim`): python-redis-lock's Lock, expiring
-and renewed while held. Dedup is exactly-once by construction:
+A hit is one MGET (`Cache.look`). A miss claims the key (`Cache.claim`): python-redis-lock's
+Lock with a short expiry (LOCK_EXPIRE, at most 10 s by default), renewed while its holder
+lives, so a holder that dies frees the key within that expiry and a waiter takes over inside
+its own request budget. Dedup is exactly-once by construction:
 
 - whoever takes the lock reads the entry again before it renders, so a request that missed
   just before the holder stored and got the lock just after it released finds the entry;
-- the holder ends with one script (`FINISH`) that stores the result (an error never replaces
-  a stored image, and a holder that lost its lock never replaces anything), drops the lock
-  and wakes every waiter counted so far with one token each, saying where the answer is:
-  `stored` (the entry), `handoff` (a result that is not cached, e.g. an error with
-  ERROR_TTL=0 or a 503, kept a few seconds for the waiters of that moment only) or `pass`
-  (an output too large to cache: the waiters render in parallel, never one after another);
-- a waiter registers (INCR) and then re-reads, in that order, so the finish script either
-  counted it or ran before its read and left something to find.
+- the holder ends with one script (`_FINISH`) that carries out its `Outcome` (store it, hand
+  it to the waiters of this moment, let them render in parallel, or just let go), drops the
+  lock and pushes ONE wake-up signal; a waiter woken by it reads the answer and passes the
+  signal on (chain wake-up), so no count of waiters is kept and nothing is left behind but a
+  signal that expires in HANDOFF_MS (and that the next holder deletes);
+- a waiter reads first and blocks on the signal after, so either its read sees the answer
+  or the signal arrives after it started waiting; between signals it looks again every
+  WAIT_STEP_S and tries the lock (a dead holder's lock has then expired).
 
-A dead holder's lock expires and the next waiter to look takes it. Any Redis failure
-becomes `CacheUnavailable`, which serve() turns into an uncached answer (X-Cache: BYPASS).
+Redis health (`RedisHealth`): after a Redis timeout or connection failure, this process
+treats Redis as down for DOWN_S and every cache call fails at once (`CacheUnavailable`,
+X-Cache: BYPASS); then one call at a time probes it with the normal timeout until it answers.
+So a stalled Redis costs one request per DOWN_S one timeout, not every request two.
+
+Kept sources are bounded (`Cache.bound_kept`): an index of kept bodies and their sizes, the
+oldest dropped first past SOURCE_CACHE_BYTES, so downloads can never push the rendered
+images out of Redis.
 """
 
 from __future__ import annotations
@@ -37,26 +45,30 @@ import redis_lock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.errors import ProxyError, UpstreamFailed
+
 log = logging.getLogger("image_proxy.cache")
 
 _MAGIC = b"IPC1"
-#: Waiters block on the wake-up list for at most this long between looks at the entry and
-#: at their deadline; also bounds how soon a waiter notices a dead holder's expired lock.
+#: Waiters block on the wake-up signal for at most this long between looks at the entry and
+#: at the lock: also bounds how soon a waiter notices a dead holder's expired lock.
 WAIT_STEP_S = 1.0
-#: How long wake-up tokens, a handed-off result and a pass marker live: long enough for
-#: every waiter counted at finish time to read them (they are woken at once).
+#: How long a handed-off result, a pass marker and the wake-up signal live: long enough for
+#: every waiter of that moment to read them (they are woken one after another, in
+#: microseconds).
 HANDOFF_MS = 3000
-
-STORED, HANDOFF, PASS = "stored", "handoff", "pass"
-
+#: After a Redis timeout, how long this process skips Redis before it probes again.
+DOWN_S = 0.5
 
 #: What a Redis call can raise when Redis is slow or gone. RedisCluster raises
 #: RedisClusterException (not a RedisError) when no node answers.
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+#: The ones that say "Redis is not answering" (not "Redis answered with an error").
+_DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException, OSError)
 
 
 class CacheUnavailable(Exception):
-    """Redis did not answer in time, or not at all."""
+    """Redis did not answer in time, or not at all, or is being skipped after it did not."""
 
 
 class LockWaitTimeout(Exception):
@@ -86,10 +98,6 @@ class CacheKey:
     @property
     def wake(self) -> str:
         return self._key("wake")
-
-    @property
-    def waiters(self) -> str:
-        return self._key("n")
 
     @property
     def handoff(self) -> str:
@@ -128,6 +136,11 @@ class SourceKey(CacheKey):
         return f"ip:{{{self.source}}}:src"
 
 
+#: The index of kept sources (sorted set: entry key -> expiry ms) and their sizes (hash, plus
+#: a `_total` field); one hash tag of their own, so one slot in a Cluster.
+KEPT_INDEX, KEPT_SIZES = "ip:{kept}:index", "ip:{kept}:sizes"
+
+
 @dataclass(frozen=True)
 class Look:
     """One round trip's view of a variant: its entry (and raw bytes), the source record,
@@ -156,6 +169,23 @@ class CacheEntry:
     def ok(self) -> bool:
         return self.status == 200
 
+    # -- the one codec between failures and entries --------------------------------------
+
+    @classmethod
+    def from_error(cls, exc: ProxyError) -> CacheEntry:
+        return cls(status=exc.status, body=b"", content_type="application/json", error=exc.message,
+                   kind=exc.kind, retry_after=exc.retry_after)
+
+    def as_error(self) -> ProxyError:
+        """The failure this entry holds, as the same ProxyError class (so its status, kind and
+        cacheability are the ones the request that met it had)."""
+        cls = next((c for c in _subclasses(ProxyError) if c.kind == self.kind), UpstreamFailed)
+        exc = cls.__new__(cls)
+        ProxyError.__init__(exc, self.error or "upstream failed", retry_after=self.retry_after)
+        return exc
+
+    # -- bytes -----------------------------------------------------------------------------
+
     def to_bytes(self) -> bytes:
         header = asdict(self)
         del header["body"]
@@ -182,14 +212,43 @@ class CacheEntry:
         return entry
 
 
-# KEYS: entry, lock ("lock:" + name), wake list, waiter count, handoff, pass marker.
-# ARGV: lock id, action (store|handoff|pass|none), value, ttl ms (entry or handoff),
-#       is_error, token lifetime ms, token (stored|handoff|pass), sha1 of a stale entry.
+def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+STORE, SHARE, PASS, RELEASE = "store", "share", "pass", "release"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a holder's claim ends (decided in one place, app/image/miss.py `decide`):
+
+    STORE    the entry is stored for `ttl_ms` and every waiter reads it;
+    SHARE    the entry is handed to the waiters of this moment only, never stored;
+    PASS     the waiters render in parallel, each for itself (an output too large to pass on);
+    RELEASE  the holder lets go with nothing to give (its own budget or memory ran out, or it
+             found the entry already there): the next waiter takes the lock and tries.
+    """
+
+    action: str
+    entry: CacheEntry | None = None
+    ttl_ms: int = 0
+    #: The raw stale entry this result may replace even if the result is an error.
+    replaces: bytes | None = None
+
+
+# KEYS: entry, lock ("lock:" + name), wake list, handoff, pass marker.
+# ARGV: lock id, action, value, ttl ms, is_error, handoff ms, sha1 of a stale entry.
 # "store" writes the entry unless an image is already there and this result is an error, or
 # this caller no longer holds the lock and an entry exists (a newer holder wrote it). The
-# one exception: the holder judged exactly that image stale (its sha1 is ARGV[8]) and the
+# one exception: the holder judged exactly that image stale (its sha1 is ARGV[7]) and the
 # upstream's answer (404, a changed source that fails to render) must replace it. Then the
-# lock is dropped if still ours and every counted waiter gets one token.
+# lock is dropped if still ours and one wake-up signal is pushed.
 _FINISH = b"""
 local action = ARGV[2]
 local held = redis.call('get', KEYS[2]) == ARGV[1]
@@ -197,25 +256,52 @@ if action == 'store' then
     local current = redis.call('get', KEYS[1])
     local keep = false
     if current then
-        if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' and redis.sha1hex(current) ~= ARGV[8] then
+        if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' and redis.sha1hex(current) ~= ARGV[7] then
             keep = true
         end
         if not held then keep = true end
     end
     if not keep then redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
-elseif action == 'handoff' then
-    redis.call('set', KEYS[5], ARGV[3], 'PX', ARGV[4])
+elseif action == 'share' then
+    redis.call('set', KEYS[4], ARGV[3], 'PX', ARGV[6])
 elseif action == 'pass' then
-    redis.call('set', KEYS[6], '1', 'PX', ARGV[6])
+    redis.call('set', KEYS[5], '1', 'PX', ARGV[6])
 end
 if held then redis.call('del', KEYS[2]) end
-local waiting = tonumber(redis.call('get', KEYS[4]) or '0')
-redis.call('del', KEYS[4])
-if waiting > 0 then
-    for i = 1, math.min(waiting, 10000) do redis.call('rpush', KEYS[3], ARGV[7]) end
-    redis.call('pexpire', KEYS[3], ARGV[6])
+redis.call('del', KEYS[3])
+redis.call('rpush', KEYS[3], '1')
+redis.call('pexpire', KEYS[3], ARGV[6])
+return held and 1 or 0
+"""
+
+# KEYS: kept index, kept sizes. ARGV: now ms, entry key, size, expiry ms, cap bytes, index ttl ms.
+# Drops expired members, adds this one, then drops the oldest until the total fits the cap;
+# returns the dropped entry keys still to delete (the caller deletes them: in a Cluster they
+# live in other slots).
+_BOUND_KEPT = b"""
+local total = tonumber(redis.call('hget', KEYS[2], '_total') or '0')
+local dropped = {}
+local function drop(member, report)
+    total = total - tonumber(redis.call('hget', KEYS[2], member) or '0')
+    redis.call('hdel', KEYS[2], member)
+    redis.call('zrem', KEYS[1], member)
+    if report then table.insert(dropped, member) end
 end
-return waiting
+for _, member in ipairs(redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1])) do drop(member, false) end
+if redis.call('hexists', KEYS[2], ARGV[2]) == 1 then drop(ARGV[2], false) end
+redis.call('zadd', KEYS[1], ARGV[4], ARGV[2])
+redis.call('hset', KEYS[2], ARGV[2], ARGV[3])
+total = total + tonumber(ARGV[3])
+while total > tonumber(ARGV[5]) do
+    local oldest = redis.call('zrange', KEYS[1], 0, 0)
+    if #oldest == 0 then break end
+    drop(oldest[1], true)
+end
+if total < 0 then total = 0 end
+redis.call('hset', KEYS[2], '_total', total)
+redis.call('pexpire', KEYS[1], ARGV[6])
+redis.call('pexpire', KEYS[2], ARGV[6])
+return dropped
 """
 
 
@@ -239,14 +325,10 @@ class RenderLock(redis_lock.Lock):
     """python-redis-lock's Lock whose renewal survives a Redis hiccup.
 
     The stock renewal thread dies on its first Redis error, so one slow answer could let a
-    long render's lock lapse silently. This one retries every second until the lock's
-    expiry would pass, and notes when the lock was lost (then `FINISH` stores nothing over a
-    newer holder's entry).
+    long render's lock lapse silently. This one retries every quarter interval (at most 1 s)
+    until the lock's expiry would pass. A lock that lapsed anyway is harmless: `_FINISH` then
+    stores nothing over a newer holder's entry.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lost = False
 
     @staticmethod
     def _lock_renewer(name: str, lockref: Any, interval: float, stop: threading.Event) -> None:
@@ -259,11 +341,9 @@ class RenderLock(redis_lock.Lock):
                 lock.extend(expire=lock._expire)
                 wait = interval
             except redis_lock.NotAcquired:
-                lock.lost = True
                 log.warning("render lock %s was lost (expired or taken over) while held", name)
                 return
             except REDIS_ERRORS as exc:
-                # Retry well before the expiry the last renewal set can pass.
                 log.info("render lock %s: renewal failed (%s); retrying", name, exc)
                 wait = min(1.0, interval / 4)
             del lock
@@ -272,121 +352,152 @@ class RenderLock(redis_lock.Lock):
         self._stop_lock_renewer()
 
 
+class RedisHealth:
+    """Whether this process should talk to Redis now. Closed (talk) until a call times out or
+    cannot connect; then open for DOWN_S (every call skips Redis at once); then one call
+    probes while the others still skip; its success closes it, its failure opens it again."""
+
+    def __init__(self, down_s: float = DOWN_S) -> None:
+        self.down_s = down_s
+        self._down_until = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._down_until > 0
+
+    def admit(self) -> bool:
+        if not self._down_until:  # the common case, without the lock
+            return True
+        with self._lock:
+            if not self._down_until:
+                return True
+            if self._probing or time.monotonic() < self._down_until:
+                return False
+            self._probing = True
+            return True
+
+    def failed(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            was_up = not self._down_until
+            self._down_until = time.monotonic() + self.down_s
+            self._probing = False
+        if was_up:
+            log.warning("redis unavailable during %s (%s); serving uncached, probing every %.1f s",
+                        what, exc, self.down_s)
+
+    def answered(self) -> None:
+        if not self._down_until:
+            return
+        with self._lock:
+            was_down, self._down_until, self._probing = bool(self._down_until), 0.0, False
+        if was_down:
+            log.warning("redis answers again; caching resumed")
+
+
 @dataclass
 class Claim:
-    """What `Cache.claim` found: an entry to answer with, or the duty to render.
+    """What `Cache.claim` found: an answer, or the duty to render.
 
-    `entry` is set when another request's result is there (stored or handed off). `holder`
-    is True when this request holds the lock and must render and then `finish`. Neither:
-    the holder's result could not be shared (too large to cache), so render in parallel.
+    `entry` is set when another request's result is there (stored or handed to this moment's
+    waiters: `handed_off`). `holder` is True when this request holds the lock and must render
+    and then `finish`. Neither: the holder's output could not be passed on, render in parallel.
     """
 
     entry: CacheEntry | None = None
     holder: bool = False
     handed_off: bool = False
     lock: RenderLock | None = None
-    #: Set by a holder whose result must reach the waiters of this moment but not be
-    #: stored (a stale entry served while the upstream fails): finish hands it off.
-    share: bool = False
 
 
 class Cache:
-    def __init__(
-        self,
-        client: Any,
-        wait_client: Any,
-        *,
-        ttl: int,
-        error_ttl: int,
-        lock_expire: int,
-        max_entry_bytes: int,
-        cluster: bool = False,
-    ) -> None:
+    def __init__(self, client: Any, wait_client: Any, *, lock_expire: int, cluster: bool = False,
+                 health: RedisHealth | None = None) -> None:
         self.client = client
-        # Waiters block in BLPOP for WAIT_STEP_S; they need a socket timeout above that,
-        # while every other command keeps the short one.
+        # Waiters block on the wake-up signal for WAIT_STEP_S; they need a socket timeout
+        # above that, while every other command keeps the short one.
         self.wait_client = wait_client
-        self.ttl = ttl
-        self.error_ttl = error_ttl
         self.lock_expire = lock_expire
-        self.max_entry_bytes = max_entry_bytes
         self.cluster = cluster
+        self.health = health or RedisHealth()
         self._finish = wait_client.register_script(_FINISH)
-        self._healthy = True
-        self._health_lock = threading.Lock()
+        self._bound_kept = client.register_script(_BOUND_KEPT)
 
-    # -- health --------------------------------------------------------------------------
-
-    def _failed(self, what: str, exc: Exception) -> CacheUnavailable:
-        with self._health_lock:
-            was_healthy, self._healthy = self._healthy, False
-        if was_healthy:
-            log.warning("redis unavailable during %s (%s); serving uncached until it answers", what, exc)
-        return CacheUnavailable(f"{what}: {exc}")
-
-    def _answered(self) -> None:
-        if not self._healthy:
-            with self._health_lock:
-                was_healthy, self._healthy = self._healthy, True
-            if not was_healthy:
-                log.warning("redis answers again; caching resumed")
+    @contextmanager
+    def _redis(self, what: str, *, probe: bool = False) -> Iterator[None]:
+        """Every Redis call runs inside this: skipped at once while Redis is down (unless it
+        is a `probe`), and its failure (any Redis error) is a CacheUnavailable."""
+        if not probe and not self.health.admit():
+            raise CacheUnavailable(f"{what}: redis is down (skipped)")
+        try:
+            yield
+        except _DOWN_ERRORS as exc:
+            self.health.failed(what, exc)
+            raise CacheUnavailable(f"{what}: {exc}") from None
+        except REDIS_ERRORS as exc:
+            self.health.answered()  # it answered, with an error
+            raise CacheUnavailable(f"{what}: {exc}") from None
+        except BaseException:
+            self.health.answered()  # e.g. a waiter's deadline: Redis was answering throughout
+            raise
+        self.health.answered()
 
     def ping(self) -> None:
-        try:
+        """/healthz asks Redis itself, down or not: its answer is the operator's, and a
+        success ends the skipping at once."""
+        with self._redis("ping", probe=True):
             self.client.ping()
-        except REDIS_ERRORS as exc:
-            raise self._failed("ping", exc) from None
-        self._answered()
 
     # -- entries -------------------------------------------------------------------------
 
     def get(self, key: CacheKey) -> CacheEntry | None:
-        try:
+        with self._redis("get"):
             raw = self.client.get(key.entry)
-        except REDIS_ERRORS as exc:
-            raise self._failed("get", exc) from None
-        self._answered()
         return CacheEntry.from_bytes(raw) if raw else None
 
     def look(self, key: CacheKey) -> Look:
-        """The hit path's one round trip: entry, source record and failure marker in one MGET
-        (one hash tag, so one slot in a Cluster too)."""
-        try:
+        """The one round trip of a request: entry, source record and failure marker in one
+        MGET (one hash tag, so one slot in a Cluster too)."""
+        with self._redis("get"):
             raw, record, failing = self.client.mget([key.entry, key.record, key.failing])
-        except REDIS_ERRORS as exc:
-            raise self._failed("get", exc) from None
-        self._answered()
         return Look(CacheEntry.from_bytes(raw) if raw else None, raw, record, bool(failing))
 
     def put_record(self, key: CacheKey, record: bytes, ttl: int) -> None:
         """Write the source's freshness record and clear its failure marker."""
-        try:
+        with self._redis("set record"):
             pipe = self.client.pipeline(transaction=False)
             pipe.set(key.record, record, ex=max(1, ttl))
             pipe.delete(key.failing)
             pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise self._failed("set record", exc) from None
 
     def get_record(self, key: CacheKey) -> bytes | None:
-        try:
+        with self._redis("get record"):
             return self.client.get(key.record)
-        except REDIS_ERRORS as exc:
-            raise self._failed("get record", exc) from None
 
     def mark_failing(self, key: CacheKey, seconds: float) -> None:
-        try:
+        with contextlib.suppress(CacheUnavailable), self._redis("set failure marker"):
             self.client.set(key.failing, b"1", px=max(1, int(seconds * 1000)))
-        except REDIS_ERRORS as exc:
-            self._failed("set failure marker", exc)
+
+    def bound_kept(self, skey: CacheKey, size: int, ttl_s: int, cap: int) -> int:
+        """Count a kept source against SOURCE_CACHE_BYTES and drop the oldest kept sources
+        past it. Returns how many were dropped."""
+        now_ms = int(time.time() * 1000)
+        with self._redis("bound kept sources"):
+            dropped = self._bound_kept(keys=[KEPT_INDEX, KEPT_SIZES],
+                                       args=[now_ms, skey.entry, size, now_ms + ttl_s * 1000, cap,
+                                             max(1, ttl_s) * 2000])
+            for name in dropped:
+                self.client.delete(name)
+        return len(dropped)
 
     def purge(self, source: str) -> int:
         """Delete every variant, the kept source and the record of one source; returns how
         many entries (variants and kept source) went. Finds them by SCAN on the node that
         owns the source's slot, so it works on one Redis and on a Cluster; claim keys
-        (locks, wake-up lists) are left to the renders in flight."""
+        (locks, wake-up signals) are left to the renders in flight."""
         probe = CacheKey(source, "x")
-        try:
+        with self._redis("purge"):
             if self.cluster:
                 node = self.client.get_node_from_key(probe.record)
                 conn = self.client.get_redis_connection(node)
@@ -399,81 +510,62 @@ class Cache:
             if not entries and not others:
                 return 0
             pipe = conn.pipeline(transaction=False)
-            for name in entries:
-                pipe.delete(name)
-            for name in others:
+            for name in entries + others:
                 pipe.delete(name)
             deleted = pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise self._failed("purge", exc) from None
         return sum(int(n) for n in deleted[: len(entries)])
 
-    def storable(self, entry: CacheEntry) -> bool:
-        ttl = self.ttl if entry.ok else self.error_ttl
-        return ttl > 0 and len(entry.body) <= self.max_entry_bytes
-
-    # -- the per-key render claim --------------------------------------------------------
+    # -- the per-key claim ---------------------------------------------------------------
 
     @contextmanager
-    def claim(self, key: CacheKey, deadline: float, *, stale: CacheEntry | None = None) -> Iterator[Claim]:
+    def claim(self, key: CacheKey, deadline: float, *, stale: bytes | None = None) -> Iterator[Claim]:
         """Claim the key's render, or wait for whoever has it.
 
-        `stale` is an entry the caller found and judged out of date: it counts as missing,
-        so the caller (or the holder it waits for) replaces it rather than answering with it.
+        `stale` is the raw entry the caller found and judged out of date: it counts as
+        missing, so the caller (or the holder it waits for) replaces it.
 
-        Yields a `Claim` (see there). A holder must call `finish(key, claim, entry)` before
-        leaving; if it leaves by an exception, the lock is dropped and the waiters are told
-        to try for themselves. Raises `LockWaitTimeout` when `deadline` (time.monotonic)
-        passes while waiting, and CacheUnavailable when Redis fails.
+        Yields a `Claim` (see there). A holder must call `finish(key, claim, outcome)` before
+        leaving; if it leaves by an exception, it RELEASEs (the next waiter takes over).
+        Raises `LockWaitTimeout` when `deadline` (time.monotonic) passes while waiting, and
+        CacheUnavailable when Redis fails.
         """
         lock = RenderLock(self.wait_client, key.lock, expire=self.lock_expire, auto_renewal=True,
                           strict=not self.cluster)
-        try:
+        with self._redis("lock"):
             found = self._claim(lock, key, deadline, stale)
-        except REDIS_ERRORS as exc:
-            raise self._failed("lock", exc) from None
         try:
             yield found
-        except BaseException:
-            if found.holder and found.lock is not None:
-                self._finish_quietly(key, found, "pass", PASS, b"", 0, is_error=True)
-            raise
+        finally:
+            if found.lock is not None:  # left without finishing (an exception, a bug): let go
+                self.finish(key, found, Outcome(RELEASE))
 
-    def _claim(self, lock: RenderLock, key: CacheKey, deadline: float, stale: CacheEntry | None) -> Claim:
+    def _claim(self, lock: RenderLock, key: CacheKey, deadline: float, stale: bytes | None) -> Claim:
         if lock.acquire(blocking=False):
             return self._as_holder(lock, key, stale)
-        # Register first, then look: FINISH either counted this waiter or ran before the
-        # look and left the entry, a handoff or a pass marker for it to find.
-        pipe = self.wait_client.pipeline(transaction=False)
-        pipe.incr(key.waiters)
-        pipe.pexpire(key.waiters, int(self.lock_expire * 1000))
-        pipe.get(key.entry)
-        pipe.get(key.handoff)
-        pipe.get(key.passed)
-        _, _, raw_entry, raw_handoff, passed = pipe.execute()
-        found = self._from_look(raw_entry, raw_handoff, passed, stale)
-        while found is None:
+        woken = False
+        while True:
+            # The answer first, the lock after: a woken waiter of this moment reads what its
+            # holder left (a handoff is for it), and takes the lock only when nothing is there.
+            found = self._answer(key, stale)
+            if found is not None:
+                if woken:  # pass the one signal on to the next waiter
+                    pipe = self.wait_client.pipeline(transaction=False)
+                    pipe.rpush(key.wake, "1")
+                    pipe.pexpire(key.wake, HANDOFF_MS)
+                    pipe.execute()
+                return found
+            if lock.acquire(blocking=False):
+                # The holder let go with nothing to give (RELEASE) or died (its lock expired).
+                return self._as_holder(lock, key, stale)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LockWaitTimeout("waited too long for another request's render")
-            woken = self.wait_client.blpop([key.wake], timeout=max(0.01, min(WAIT_STEP_S, remaining)))
-            token = woken[1].decode() if woken else ""
-            if token == PASS:
-                return Claim()
-            if token == HANDOFF:
-                found = self._from_look(None, self.wait_client.get(key.handoff), None, stale)
-            else:
-                found = self._from_look(self.wait_client.get(key.entry), None, None, stale)
-            if found is None and not woken and lock.acquire(blocking=False):
-                # The holder died (its lock expired) or left without a result.
-                return self._as_holder(lock, key, stale)
-        return found
+            woken = bool(self.wait_client.blpop([key.wake], timeout=max(0.01, min(WAIT_STEP_S, remaining))))
 
-    @staticmethod
-    def _from_look(raw_entry: bytes | None, raw_handoff: bytes | None, passed: bytes | None,
-                   stale: CacheEntry | None = None) -> Claim | None:
-        entry = CacheEntry.from_bytes(raw_entry) if raw_entry else None
-        if entry is not None and entry != stale:
+    def _answer(self, key: CacheKey, stale: bytes | None) -> Claim | None:
+        raw_entry, raw_handoff, passed = self.wait_client.mget([key.entry, key.handoff, key.passed])
+        entry = CacheEntry.from_bytes(raw_entry) if raw_entry and raw_entry != stale else None
+        if entry is not None:
             return Claim(entry=entry)
         handed = CacheEntry.from_bytes(raw_handoff) if raw_handoff else None
         if handed is not None:
@@ -482,63 +574,45 @@ class Cache:
             return Claim()
         return None
 
-    def _as_holder(self, lock: RenderLock, key: CacheKey, stale: CacheEntry | None = None) -> Claim:
-        # Re-read after every successful acquire: the previous holder may have stored the
-        # entry between this request's miss and its acquire.
+    def _as_holder(self, lock: RenderLock, key: CacheKey, stale: bytes | None) -> Claim:
+        # Re-read after every acquire: the previous holder may have stored the entry between
+        # this request's miss and its acquire.
         try:
             raw = self.wait_client.get(key.entry)
-            entry = CacheEntry.from_bytes(raw) if raw else None
-            if entry is not None and entry != stale:
-                self._finish_script(key, lock, "none", STORED, b"", 0, is_error=True)
+            entry = CacheEntry.from_bytes(raw) if raw and raw != stale else None
+            if entry is not None:
+                self._run_finish(key, lock, Outcome(RELEASE))
                 return Claim(entry=entry)
-            # A new moment: the previous holder's handoff and pass marker are not its
-            # waiters' answer (they are kept 3 s only for the waiters of that moment).
-            self.wait_client.delete(key.handoff, key.passed)
+            # A new moment: the previous holder's handoff, pass marker and signal are not for
+            # this moment's waiters.
+            self.wait_client.delete(key.handoff, key.passed, key.wake)
         except BaseException:
             with contextlib.suppress(*REDIS_ERRORS, redis_lock.NotAcquired):
                 lock.release()  # never leave a lock (and its renewer) behind
             raise
         return Claim(holder=True, lock=lock)
 
-    def finish(self, key: CacheKey, claim: Claim, entry: CacheEntry, *, cacheable: bool = True,
-               replaces: bytes | None = None, ttl: int | None = None) -> str:
-        """End a holder's claim with its result: stored; handed off to the waiters of this
-        moment (a failure that is not cached, or `share`d); or, for an output too large to
-        pass around, the waiters render in parallel. Returns what happened (STORED, HANDOFF
-        or PASS). `replaces`: the raw stale entry this result may replace even if it is an
-        error. `ttl` overrides the entry's lifetime (seconds)."""
-        if cacheable and self.storable(entry):
-            ttl_s = ttl if ttl is not None and entry.ok else (self.ttl if entry.ok else self.error_ttl)
-            action, token, ttl_ms = "store", STORED, max(1, ttl_s) * 1000
-        elif not entry.ok or claim.share:
-            action, token, ttl_ms = "handoff", HANDOFF, HANDOFF_MS
-        else:
-            action, token, ttl_ms = "pass", PASS, 0
-        value = entry.to_bytes() if action != "pass" else b""
-        stale_sha = hashlib.sha1(replaces).hexdigest() if replaces else ""
-        if not self._finish_quietly(key, claim, action, token, value, ttl_ms, is_error=not entry.ok,
-                                    stale_sha=stale_sha):
-            return PASS
-        return token
-
-    def _finish_quietly(self, key: CacheKey, claim: Claim, action: str, token: str, value: bytes, ttl_ms: int,
-                        *, is_error: bool, stale_sha: str = "") -> bool:
+    def finish(self, key: CacheKey, claim: Claim, outcome: Outcome) -> bool:
+        """End a holder's claim with its `Outcome`. False when Redis failed (the lock then
+        expires by itself and a waiter takes over) or the claim was already finished."""
         lock, claim.lock = claim.lock, None
         if lock is None:
             return False
         try:
-            self._finish_script(key, lock, action, token, value, ttl_ms, is_error=is_error, stale_sha=stale_sha)
-        except REDIS_ERRORS as exc:
-            self._failed("finish", exc)
+            with self._redis("finish"):
+                self._run_finish(key, lock, outcome)
+        except CacheUnavailable:
             return False
-        self._answered()
         return True
 
-    def _finish_script(self, key: CacheKey, lock: RenderLock, action: str, token: str, value: bytes, ttl_ms: int,
-                       *, is_error: bool, stale_sha: str = "") -> None:
+    def _run_finish(self, key: CacheKey, lock: RenderLock, outcome: Outcome) -> None:
         lock.stop_renewal()
+        entry = outcome.entry
+        value = entry.to_bytes() if entry is not None and outcome.action in (STORE, SHARE) else b""
+        stale_sha = hashlib.sha1(outcome.replaces).hexdigest() if outcome.replaces else ""
         self._finish(
-            keys=[key.entry, "lock:" + key.lock, key.wake, key.waiters, key.handoff, key.passed],
-            args=[lock.id, action, value, max(1, ttl_ms), "1" if is_error else "0", HANDOFF_MS, token, stale_sha],
+            keys=[key.entry, "lock:" + key.lock, key.wake, key.handoff, key.passed],
+            args=[lock.id, outcome.action, value, max(1, outcome.ttl_ms), "0" if entry is None or entry.ok else "1",
+                  HANDOFF_MS, stale_sha],
             client=self.wait_client,
         )

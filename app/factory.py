@@ -63,20 +63,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
 
     client = make_client(settings.redis_url, timeout=settings.redis_timeout, cluster=settings.redis_cluster)
     wait_client = make_client(settings.redis_url, timeout=settings.redis_timeout + 2, cluster=settings.redis_cluster)
-    cache = Cache(
-        client,
-        wait_client,
-        # An image is kept past its freshness for the stale window (docs/cache-lifecycle.md).
-        ttl=settings.cache_ttl + settings.stale_ttl,
-        error_ttl=settings.error_ttl,
-        lock_expire=settings.lock_seconds,
-        max_entry_bytes=settings.max_cache_entry_bytes,
-        cluster=settings.redis_cluster,
-    )
-    # Kept sources: the same clients, their own lifetime and size cap; failures are only
-    # handed to the waiters of the moment (each variant stores its own error entry).
-    kept = Cache(client, wait_client, ttl=settings.source_ttl, error_ttl=0, lock_expire=settings.lock_seconds,
-                 max_entry_bytes=settings.source_max_bytes, cluster=settings.redis_cluster)
+    cache = Cache(client, wait_client, lock_expire=settings.lock_seconds, cluster=settings.redis_cluster)
     fetcher = Fetcher(
         timeout=settings.upstream_timeout,
         max_bytes=settings.max_source_bytes,
@@ -87,7 +74,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
     )
     # Under gunicorn the master's ledger (one budget for all workers), else this process's own.
     memory = process_budget(settings.memory_budget, settings.workers, embedded_maxmemory)
-    service = ImageService(settings, cache, fetcher, kept, memory, **_recycling(settings))
+    service = ImageService(settings, cache, fetcher, memory, **_recycling(settings))
     app.extensions["image_proxy"] = Services(settings, cache, fetcher, service)
 
     app.register_blueprint(image_bp)

@@ -18,8 +18,8 @@ from werkzeug.wrappers import Request
 
 from app import metrics
 from app.client_address import client_address
+from app.image.miss import Served
 from app.image.params import ImageRequest
-from app.image.serve import Served
 from app.log_format import json_line, logfmt, utc_now
 from app.settings import Settings
 

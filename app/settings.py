@@ -195,82 +195,52 @@ class Spec:
 
 MIB = 1024 * 1024
 
-SETTINGS: tuple[Spec, ...] = (
-    Spec("bind", _bind, "127.0.0.1:8000", "Address gunicorn listens on."),
-    Spec("workers", _int(1, 64), "2", "gunicorn worker processes (one per core measured best on 2 cores)."),
-    Spec("threads", _int(2, 256), "64", "Threads per worker: fetches, renders, dedup waiters and cache hits; THREADS - MAX_QUEUE stay free for hits."),
-    Spec("redis_url", _redis_url, "", "redis://, rediss:// or unix:// URL of a shared Redis; empty starts an embedded one."),
-    Spec("redis_cluster", _bool, "false", "Treat REDIS_URL as one node of a Redis Cluster."),
-    Spec("redis_timeout", _seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS)."),
-    Spec("redis_maxmemory", _int(0), str(256 * MIB), "Embedded Redis only: bytes of cache before least-recently-used entries are evicted (0 = no limit)."),
-    Spec("cache_ttl", _int(1), "86400", "Seconds a rendered image is fresh (served without asking the upstream); it is kept STALE_TTL longer."),
-    Spec("stale_ttl", _int(0), "604800", "Seconds an entry is kept after CACHE_TTL ends: revalidated on the next request, served with X-Cache: STALE while the upstream fails (see docs/cache-lifecycle.md)."),
-    Spec("source_ttl", _int(0), "300", "Seconds a fetched source is kept in Redis so other sizes and formats of it render without another download (0 = not kept)."),
-    Spec("source_max_bytes", _int(0), str(8 * MIB), "Sources larger than this are not kept (each variant then fetches its own)."),
-    Spec("error_ttl", _int(0), "10", "Seconds a failure is cached, so waiters and followers get it without refetching."),
-    Spec("max_cache_entry_bytes", _int(1), str(16 * MIB), "Outputs larger than this are served but not cached."),
-    Spec("upstream_timeout", _seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body (never past the request budget)."),
-    Spec("request_budget", _seconds(1, 600), "30", "The one budget of a request: fetch, lock wait, render-slot wait and render finish within it or answer 503/504. gunicorn's graceful_timeout is derived from it."),
-    Spec("lock_expire", _derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held); empty = REQUEST_BUDGET + 5."),
-    Spec("render_slots", _int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget."),
-    Spec("max_queue", _derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS."),
-    Spec("memory_budget", _size, "", "Bytes (K/M/G suffixes) the whole service may use, renders and fetched bodies included; empty: 80 % of the cgroup limit or RAM."),
-    Spec("recycle_renders", _int(0), "2000", "A worker is replaced gracefully after this many renders (+ up to 10 % jitter), so a slow leak in a native codec cannot grow; 0 = never. Hits do not count."),
-    Spec("max_source_bytes", _int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400)."),
-    Spec("max_source_pixels", _int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding."),
-    Spec("max_width", _int(1, 65535), "8192", "Largest accepted w."),
-    Spec("allowed_widths", _widths, "", "Comma-separated list; when set, w must be 0 or one of them."),
-    Spec("max_animation_frames", _int(1), "300", "Animated sources with more frames are refused (400)."),
-    Spec("allowed_hosts", _hosts, "", "Comma-separated host names or *.example.com patterns; when set, only these are fetched."),
-    Spec("allow_networks", _networks, "", "Comma-separated CIDRs exempt from the public-address rule (any port)."),
-    Spec("allowed_ports", _ports, "80,443", "Ports allowed on public addresses."),
-    Spec("via_token", _token, "image-proxy", "Token of the Via header sent upstream; requests carrying it are refused as loops."),
-    Spec("input_formats", _formats, ",".join(INPUT_FORMATS), "Source formats that are decoded; drop one to switch its decoder off."),
-    Spec("log_format", _choice("text", "json"), "text", "Access log format: text or json."),
-    Spec("front_page", _bool, "on", "Serve the try-it page at /; off makes / a 404."),
-    Spec("trusted_proxies", _networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are."),
-    Spec("metrics_bind", _optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only."),
-    Spec("admin_token", _admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404."),
-)
+
+def setting(parse: Callable[[str], Any], default: str, help: str, *, secret: bool = False) -> Any:
+    """One setting, declared once: its parser, its default as the environment would spell
+    it (parsed here, so the two cannot disagree) and its meaning (docs/configuration.md)."""
+    return field(default=parse(default), repr=not secret,
+                 metadata={"parse": parse, "default": default, "help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
-    bind: str = "127.0.0.1:8000"
-    workers: int = 2
-    threads: int = 64
-    redis_url: str | None = None
-    redis_cluster: bool = False
-    redis_timeout: float = 0.25
-    redis_maxmemory: int = 256 * MIB
-    cache_ttl: int = 86400
-    stale_ttl: int = 604800
-    source_ttl: int = 300
-    source_max_bytes: int = 8 * MIB
-    error_ttl: int = 10
-    max_cache_entry_bytes: int = 16 * MIB
-    upstream_timeout: float = 20.0
-    request_budget: float = 30.0
-    lock_expire: int | None = None  # None: derived, see lock_seconds
-    render_slots: int = 2
-    max_queue: int | None = None  # None: derived, see miss_places
-    memory_budget: int = 0  # 0: derived from the cgroup limit or RAM (app/memory.py)
-    recycle_renders: int = 2000
-    max_source_bytes: int = 32 * MIB
-    max_source_pixels: int = 50_000_000
-    max_width: int = 8192
-    allowed_widths: tuple[int, ...] = ()
-    max_animation_frames: int = 300
-    allowed_hosts: tuple[str, ...] = ()
-    allow_networks: tuple[Network, ...] = ()
-    allowed_ports: tuple[int, ...] = (80, 443)
-    via_token: str = "image-proxy"
-    input_formats: frozenset[str] = field(default_factory=lambda: frozenset(INPUT_FORMATS))
-    log_format: str = "text"
-    front_page: bool = True
-    trusted_proxies: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
-    metrics_bind: str = ""
-    admin_token: str = field(default="", repr=False)  # a secret: never printed
+    bind: str = setting(_bind, "127.0.0.1:8000", "Address gunicorn listens on.")
+    workers: int = setting(_int(1, 64), "2", "gunicorn worker processes (one per core measured best on 2 cores).")
+    threads: int = setting(_int(2, 256), "64", "Threads per worker: fetches, renders, dedup waiters and cache hits; THREADS - MAX_QUEUE stay free for hits.")
+    redis_url: str | None = setting(_redis_url, "", "redis://, rediss:// or unix:// URL of a shared Redis; empty starts an embedded one.")
+    redis_cluster: bool = setting(_bool, "false", "Treat REDIS_URL as one node of a Redis Cluster.")
+    redis_timeout: float = setting(_seconds(0.01, 10), "0.25", "Socket timeout for Redis commands; past it a request is served uncached (BYPASS).")
+    redis_maxmemory: int = setting(_int(0), str(256 * MIB), "Embedded Redis only: bytes of cache before least-recently-used entries are evicted (0 = no limit).")
+    cache_ttl: int = setting(_int(1), "86400", "Seconds a rendered image is fresh (served without asking the upstream); it is kept STALE_TTL longer.")
+    stale_ttl: int = setting(_int(0), "604800", "Seconds an entry is kept after CACHE_TTL ends: revalidated on the next request, served with X-Cache: STALE while the upstream fails (see docs/cache-lifecycle.md).")
+    source_ttl: int = setting(_int(0), "300", "Seconds a fetched source is kept in Redis so other sizes and formats of it render without another download (0 = not kept).")
+    source_max_bytes: int = setting(_int(0), str(8 * MIB), "Sources larger than this are not kept (each variant then fetches its own).")
+    source_cache_bytes: int | None = setting(_derived_or(_int(0)), "", "Bytes of kept sources in Redis at most; past it the oldest kept sources are dropped, so downloads never push rendered images out. Empty = a quarter of REDIS_MAXMEMORY (64 MiB when that is 0).")
+    error_ttl: int = setting(_int(0), "10", "Seconds a failure is cached, so waiters and followers get it without refetching.")
+    max_cache_entry_bytes: int = setting(_int(1), str(16 * MIB), "Outputs larger than this are served but not cached.")
+    upstream_timeout: float = setting(_seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body (never past the request budget).")
+    request_budget: float = setting(_seconds(1, 600), "30", "The one budget of a request: fetch, lock wait, render-slot wait and render finish within it or answer 503/504. gunicorn's graceful_timeout is derived from it.")
+    lock_expire: int | None = setting(_derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held): a dead holder's key is free this long after it died. Empty = 10, or REQUEST_BUDGET / 3 when that is shorter (at least 2).")
+    render_slots: int = setting(_int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget.")
+    max_queue: int | None = setting(_derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS.")
+    memory_budget: int = setting(_size, "", "Bytes (K/M/G suffixes) the whole service may use, renders and fetched bodies included; empty: 80 % of the cgroup limit or RAM.")
+    recycle_renders: int = setting(_int(0), "2000", "A worker is replaced gracefully after this many renders (+ up to 10 % jitter), so a slow leak in a native codec cannot grow; 0 = never. Hits do not count.")
+    max_source_bytes: int = setting(_int(1), str(32 * MIB), "Upstream bodies longer than this are refused (400).")
+    max_source_pixels: int = setting(_int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding.")
+    max_width: int = setting(_int(1, 65535), "8192", "Largest accepted w.")
+    allowed_widths: tuple[int, ...] = setting(_widths, "", "Comma-separated list; when set, w must be 0 or one of them.")
+    max_animation_frames: int = setting(_int(1), "300", "Animated sources with more frames are refused (400).")
+    allowed_hosts: tuple[str, ...] = setting(_hosts, "", "Comma-separated host names or *.example.com patterns; when set, only these are fetched.")
+    allow_networks: tuple[Network, ...] = setting(_networks, "", "Comma-separated CIDRs exempt from the public-address rule (any port).")
+    allowed_ports: tuple[int, ...] = setting(_ports, "80,443", "Ports allowed on public addresses.")
+    via_token: str = setting(_token, "image-proxy", "Token of the Via header sent upstream; requests carrying it are refused as loops.")
+    input_formats: frozenset[str] = setting(_formats, ",".join(INPUT_FORMATS), "Source formats that are decoded; drop one to switch its decoder off.")
+    log_format: str = setting(_choice("text", "json"), "text", "Access log format: text or json.")
+    front_page: bool = setting(_bool, "on", "Serve the try-it page at /; off makes / a 404.")
+    trusted_proxies: tuple[Network, ...] = setting(_networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are.")
+    metrics_bind: str = setting(_optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only.")
+    admin_token: str = setting(_admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404.", secret=True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -309,16 +279,29 @@ class Settings:
 
     @property
     def lock_seconds(self) -> int:
-        """Render-lock expiry: above the request budget, so a live holder never loses it
-        even if every renewal failed; a dead holder's lock lapses that long after."""
+        """Render-lock expiry. The lock lives as long as its holder because it is renewed,
+        not because the expiry is long: short, so a dead holder's waiters take over well
+        inside their own budget (SPEC §6)."""
         if self.lock_expire is not None:
             return self.lock_expire
-        return int(self.request_budget) + 5
+        return max(2, min(10, int(self.request_budget / 3)))
+
+    @property
+    def source_cache_limit(self) -> int:
+        """Bytes of kept sources at most (SOURCE_CACHE_BYTES, derived when empty)."""
+        if self.source_cache_bytes is not None:
+            return self.source_cache_bytes
+        return self.redis_maxmemory // 4 if self.redis_maxmemory else 64 * MIB
 
     @property
     def graceful_seconds(self) -> int:
         """gunicorn's graceful_timeout: an in-flight request always finishes on HUP/TERM."""
         return int(self.request_budget) + 5
+
+
+SETTINGS: tuple[Spec, ...] = tuple(
+    Spec(f.name, f.metadata["parse"], f.metadata["default"], f.metadata["help"]) for f in dataclasses.fields(Settings)
+)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -6,7 +6,8 @@ at thousands of hits per second that was most of a worker's CPU. This layer read
 with the same code as the blueprint (views.read_request), sends the same headers
 (views.image_headers), and writes the same log line and metrics (observe.record). Anything
 else — a miss, a stale entry, an error, a conditional request, Redis down, a request on the
-metrics listener — goes to Flask unchanged, which then does the whole request itself.
+metrics listener — goes to Flask, with the Redis look this layer made (so the miss path
+does not look again).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from werkzeug.wrappers import Request
 
 from app import __version__, observe
 from app.image.params import ImageRequest
-from app.image.views import image_headers, read_request
+from app.image.views import LOOKED, image_headers, read_request
 from app.listener import arrived_on
 from app.settings import Settings
 
@@ -63,15 +64,20 @@ class FreshHits:
             return self.next_app(environ, start_response)  # Flask answers 404 there
         started = time.monotonic()
         req = Request(environ)
+        service = self.services.service
         try:
             image_request = self._read(req, settings)
-            served = self.services.service.fresh_hit(image_request)
         except Exception:
-            # Whatever went wrong (a bad parameter, Redis down, a bug), Flask's path does the
-            # request again and answers it with the one error handling there is.
-            served = None
-        if served is None or not served.entry.ok:
-            return self.next_app(environ, start_response)  # a stored failure: Flask answers it
+            # A bad parameter (or a bug): Flask's path reads the request again and answers it
+            # with the one error handling there is.
+            return self.next_app(environ, start_response)
+        look = service.cache_look(image_request)
+        served = service.fresh_hit(look)
+        if served is None:
+            # Anything but a fresh image: Flask serves it with this look (None: Redis is
+            # down), so a request looks Redis up once.
+            environ[LOOKED] = (look,)
+            return self.next_app(environ, start_response)
         headers = [*image_headers(served, image_request), ("X-Image-Proxy-Version", __version__)]
         body = served.entry.body
         observe.record(settings, req, 200, len(body), served, image_request, started, endpoint="image.image")

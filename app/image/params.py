@@ -39,7 +39,7 @@ class ImageRequest:
         format=auto answered with AVIF and format=avif are the same bytes, one entry."""
         source = source_digest(self.url)
         variant = f"{PIPELINE_VERSION}\n{self.width}\n{self.quality}\n{self.format}"
-        return CacheKey(source, hashlib.sha256(variant.encode()).hexdigest()[:16])
+        return CacheKey(source, hashlib.sha256(variant.encode()).hexdigest())
 
     @property
     def content_type(self) -> str:
@@ -49,7 +49,7 @@ class ImageRequest:
 def source_digest(url: SourceURL) -> str:
     """The hash tag of every key of one normalized source URL (variants, kept source,
     freshness record): what /admin/purge deletes by."""
-    return hashlib.sha256(str(url).encode()).hexdigest()[:24]
+    return hashlib.sha256(str(url).encode()).hexdigest()
 
 
 def parse_request(

@@ -1,16 +1,21 @@
-"""The current source of a variant: kept, fetched once fleet-wide, or revalidated.
+"""The current source of a miss: kept, fetched once fleet-wide, revalidated, or a plain fetch.
 
-`SourceProvider.current(...)` answers a render holder's question "what do I render from?":
+`SourceProvider.current(miss, hold, cached=...)` answers a render holder's question "what do
+I render from?":
 
+    without the cache (Redis down) ─────────────────────► a plain fetch
     source record fresh ──stale entry rendered from it──► Renewed (no fetch, no render)
         │               ──kept source matches it───────► the kept body (a reuse hit)
         ▼ otherwise
-    source claim (one per source URL, fleet-wide; same rules as the render claim)
-        ├─ another request fetched: use its kept body / renewed record, or its failure
+    source claim (one per source URL, fleet-wide; the same claim as a variant's)
+        ├─ another request fetched: its kept body / renewed record, or its failure
         └─ holder: conditional GET when there is something to renew, else a plain GET
               304 / same bytes ─► record renewed (fresh_until = now + CACHE_TTL)
-              200 new bytes   ─► record replaced, body kept SOURCE_TTL (if <= SOURCE_MAX_BYTES)
-              failure         ─► handed to the waiters; 5xx / refused / timeout also set a
+              200 new bytes   ─► record replaced; the body kept SOURCE_TTL if it sniffs as a
+                                 supported image and is at most SOURCE_MAX_BYTES, counted
+                                 against SOURCE_CACHE_BYTES (oldest kept sources dropped)
+              failure         ─► handed to the waiters of the moment when it is about the
+                                 upstream or the body; 5xx / refused / timeout also set a
                                  short failure marker so stale answers skip the retry
 
 A kept source feeds a render only while the record vouches for its digest and is fresh, so
@@ -19,17 +24,19 @@ a source past CACHE_TTL is never rendered unrevalidated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from app import metrics
-from app.cache import Cache, CacheEntry, CacheKey
-from app.errors import ProxyError, UpstreamFailed
-from app.fetch import Fetcher, Source
-from app.guard import SourceURL, URLPolicy
-from app.image.freshness import SourceRecord, digest_of
+from app.cache import RELEASE, SHARE, STORE, Cache, CacheEntry, CacheUnavailable, Outcome
+from app.errors import ProxyError
+from app.fetch import Fetcher, Source, Validators
+from app.image.freshness import Lifetimes, SourceRecord, digest_of
+from app.image.miss import Miss
+from app.render.sniff import supported_format
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.sources")
@@ -38,6 +45,11 @@ log = logging.getLogger("image_proxy.sources")
 #: is served for these (SPEC §10), and only these.
 UPSTREAM_DOWN = frozenset({"upstream_failed", "upstream_timeout", "too_many_redirects"})
 _NOT_MODIFIED = 304
+#: Handed to the source claim's waiters when there is no body to keep: "the record was
+#: renewed (or the body is not kept), read the record".
+_RENEWED = CacheEntry(status=_NOT_MODIFIED, body=b"", content_type="")
+
+Hold = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -51,47 +63,60 @@ class Current:
 
 
 class SourceProvider:
-    def __init__(self, settings: Settings, cache: Cache, kept: Cache, fetcher: Fetcher) -> None:
+    def __init__(self, settings: Settings, cache: Cache, fetcher: Fetcher, lifetimes: Lifetimes) -> None:
         self.settings = settings
         self.cache = cache
-        self.kept = kept  # entries are kept sources: TTL SOURCE_TTL, cap SOURCE_MAX_BYTES
         self.fetcher = fetcher
+        self.lifetimes = lifetimes
 
-    def current(self, key: CacheKey, url: SourceURL, url_policy: URLPolicy, deadline: float,
-                stale: CacheEntry | None, hold_bytes: Callable[[int], None] | None = None) -> Current:
-        """The current source of `key`: kept, renewed by a 304, or fetched (one fetch per
-        source fleet-wide). `hold_bytes` admits a fetched body into the memory budget."""
-        skey = key.kept_source
-        look = self.kept.look(skey)
+    def current(self, miss: Miss, hold: Hold, *, cached: bool) -> Current:
+        """The current source of the miss. `hold` admits a fetched body into the memory budget."""
+        if cached:
+            try:
+                return self._shared(miss, hold)
+            except CacheUnavailable:
+                pass  # Redis failed before anything was fetched: fetch without it
+        source = self._download(miss, hold, None)
+        record = SourceRecord(digest_of(source.body), self.lifetimes.fresh_until(time.time()))
+        return Current(record, source.body, source)
+
+    def _shared(self, miss: Miss, hold: Hold) -> Current:
+        skey = miss.key.kept_source
+        look = self.cache.look(skey)
         record, kept = SourceRecord.from_bytes(look.record), look.entry
-        found = self._usable(record, kept, stale)
+        found = self._usable(record, kept, miss.stale)
         if found is not None:
             return found
-        with self.kept.claim(skey, deadline, stale=kept) as claim:
+        with self.cache.claim(skey, miss.deadline, stale=look.raw) as claim:
             if claim.entry is not None:
                 # Another request fetched (or renewed, or failed) while this one waited.
                 if not claim.entry.ok and claim.entry.status != _NOT_MODIFIED:
-                    raise _error_from(claim.entry)
-                record = SourceRecord.from_bytes(self.cache.get_record(key))
-                again = self._usable(record, claim.entry if claim.entry.ok else None, stale)
-                if again is not None:
-                    return again
-                return self._fetch(key, url, url_policy, deadline, record, stale, None, hold_bytes)
+                    raise claim.entry.as_error()
+                record = SourceRecord.from_bytes(self.cache.get_record(miss.key))
+                again = self._usable(record, claim.entry if claim.entry.ok else None, miss.stale)
+                return again or self._fetch(miss, hold, record, None)
             if not claim.holder:
-                # The holder's source was too large to keep: each fetches its own, in parallel.
-                return self._fetch(key, url, url_policy, deadline, record, stale, kept, hold_bytes)
+                return self._fetch(miss, hold, record, kept)  # render in parallel
             # Holding the claim: re-read the record, a previous holder may just have renewed it.
-            record = SourceRecord.from_bytes(self.cache.get_record(key))
-            found = self._usable(record, kept, stale)
+            record = SourceRecord.from_bytes(self.cache.get_record(miss.key))
+            found = self._usable(record, kept, miss.stale)
             if found is not None:
-                self.kept.finish(skey, claim, _marker(), cacheable=False)
+                self.cache.finish(skey, claim, Outcome(SHARE, _RENEWED))
                 return found
             try:
-                result = self._fetch(key, url, url_policy, deadline, record, stale, kept, hold_bytes)
+                result = self._fetch(miss, hold, record, kept)
+                keep = self._keep(result, kept)
             except ProxyError as exc:
-                self.kept.finish(skey, claim, _error_entry(exc), cacheable=False)
+                # About the upstream or the body: the waiters of the moment get it too. The
+                # holder's own budget: they try themselves.
+                self.cache.finish(skey, claim, Outcome(SHARE, CacheEntry.from_error(exc)) if exc.cacheable
+                                  else Outcome(RELEASE))
                 raise
-            self._finish_holder(skey, claim, result, kept)
+            self.cache.finish(skey, claim, keep)
+            if keep.action == STORE and keep.entry is not None:
+                with contextlib.suppress(CacheUnavailable):
+                    self.cache.bound_kept(skey, len(keep.entry.body), self.lifetimes.source_ttl,
+                                          self.settings.source_cache_limit)
             return result
 
     def _usable(self, record: SourceRecord | None, kept: CacheEntry | None, stale: CacheEntry | None) -> Current | None:
@@ -104,24 +129,28 @@ class SourceProvider:
             return Current(record, kept.body)
         return None
 
-    def _fetch(self, key: CacheKey, url: SourceURL, url_policy: URLPolicy, deadline: float,
-               record: SourceRecord | None, stale: CacheEntry | None, kept: CacheEntry | None,
-               hold_bytes: Callable[[int], None] | None = None) -> Current:
+    def _download(self, miss: Miss, hold: Hold, validators: Validators | None) -> Source:
+        source = self.fetcher.fetch_source(miss.request.url, miss.url_policy, deadline=miss.deadline,
+                                           validators=validators, hold_bytes=hold)
+        miss.timings.upstream_s = source.fetch_seconds
+        miss.timings.source_bytes = len(source.body)
+        return source
+
+    def _fetch(self, miss: Miss, hold: Hold, record: SourceRecord | None, kept: CacheEntry | None) -> Current:
+        stale = miss.stale
         have = {entry.meta.get("source_digest") for entry in (stale, kept) if entry is not None and entry.ok}
         # Ask conditionally only when a 304 would leave something to serve or render.
         validators = record.validators if record is not None and record.digest in have else None
         revalidating = record is not None or stale is not None
         try:
-            source = self.fetcher.fetch_source(url, url_policy, deadline=deadline, validators=validators or None,
-                                               hold_bytes=hold_bytes)
+            source = self._download(miss, hold, validators or None)
         except ProxyError as exc:
             if revalidating:
                 metrics.REVALIDATIONS.labels("failed" if exc.kind in UPSTREAM_DOWN else exc.kind).inc()
             if exc.kind in UPSTREAM_DOWN:
-                self.cache.mark_failing(key, max(1, self.settings.error_ttl))
+                self.cache.mark_failing(miss.key, max(1, self.lifetimes.error_ttl))
             raise
-        now = time.time()
-        fresh_until = now + self.settings.cache_ttl
+        fresh_until = self.lifetimes.fresh_until(time.time())
         if source.not_modified:
             assert record is not None
             renewed = replace(record, fresh_until=fresh_until, etag=source.validators.etag or record.etag,
@@ -138,43 +167,22 @@ class SourceProvider:
             current = Current(renewed, None if unchanged else source.body, source)
         if revalidating:
             metrics.REVALIDATIONS.labels(result).inc()
-        self.cache.put_record(key, renewed.to_bytes(), self.settings.cache_ttl + self.settings.stale_ttl)
+        # A record that cannot be written costs a later revalidation, never this answer.
+        with contextlib.suppress(CacheUnavailable):
+            self.cache.put_record(miss.key, renewed.to_bytes(), self.lifetimes.record_ttl)
         return current
 
-    def _finish_holder(self, skey: CacheKey, claim: object, result: Current, kept: CacheEntry | None) -> None:
+    def _keep(self, result: Current, kept: CacheEntry | None) -> Outcome:
+        """How the source claim ends: the body kept (only an image that sniffs as a supported
+        format, within SOURCE_MAX_BYTES), or the waiters told to read the record. A body that
+        is not an image is the waiters' failure too (raised: BadSource)."""
         body = result.fetched.body if result.fetched is not None and result.fetched.body else None
-        if body is None and kept is not None and kept.meta.get("source_digest") == result.record.digest:
+        if body is not None:
+            supported_format(body, self.settings.input_formats)
+        elif kept is not None and kept.meta.get("source_digest") == result.record.digest:
             body = kept.body  # a 304 renewed the kept source too
-        if body is None:
-            self.kept.finish(skey, claim, _marker(), cacheable=False)  # type: ignore[arg-type]
-            return
+        if body is None or not self.lifetimes.source_ttl or len(body) > self.settings.source_max_bytes:
+            return Outcome(SHARE, _RENEWED)
         entry = CacheEntry(status=200, body=body, content_type="application/octet-stream",
                            meta={"source_digest": result.record.digest, "fresh_until": result.record.fresh_until})
-        self.kept.finish(skey, claim, entry, cacheable=self.settings.source_ttl > 0)  # type: ignore[arg-type]
-
-
-def _marker() -> CacheEntry:
-    """Handed to the source claim's waiters when there is no body to keep: "the record was
-    renewed, read it"."""
-    return CacheEntry(status=_NOT_MODIFIED, body=b"", content_type="")
-
-
-def _error_entry(exc: ProxyError) -> CacheEntry:
-    return CacheEntry(status=exc.status, body=b"", content_type="application/json", error=exc.message,
-                      kind=exc.kind, retry_after=exc.retry_after)
-
-
-def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
-    found = [cls]
-    for sub in cls.__subclasses__():
-        found.extend(_subclasses(sub))
-    return found
-
-
-def _error_from(entry: CacheEntry) -> ProxyError:
-    """The failure another request's fetch met, as the same ProxyError class (so its status,
-    kind and cacheability are the ones that request would have had)."""
-    cls = next((c for c in _subclasses(ProxyError) if c.kind == entry.kind), UpstreamFailed)
-    exc = cls.__new__(cls)
-    ProxyError.__init__(exc, entry.error or "upstream failed", retry_after=entry.retry_after)
-    return exc
+        return Outcome(STORE, entry, self.lifetimes.source_ttl * 1000)

@@ -13,14 +13,17 @@ from werkzeug.wrappers import Request
 
 from app.errors import LoopDetected
 from app.guard import URLPolicy
+from app.image.miss import Served
 from app.image.params import ImageRequest, parse_request
-from app.image.serve import Served
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
 from app.settings import Settings
 
 bp = Blueprint("image", __name__)
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
+#: The environ key carrying the fresh-hit layer's Redis look to this view: a 1-tuple (the
+#: Look, or None when Redis was unavailable), so a request looks Redis up once.
+LOOKED = "image_proxy.looked"
 
 
 @bp.route("/image", methods=["GET", "HEAD"], provide_automatic_options=False)
@@ -28,7 +31,8 @@ def image() -> Response:
     services = current_app.extensions["image_proxy"]
     image_request, url_policy = read_request(request, services.settings)
     g.image_request = image_request
-    served = services.service.serve(image_request, url_policy)
+    # The fresh-hit layer in front (fresh_hits.py) already looked Redis up for this request.
+    served = services.service.serve(image_request, url_policy, request.environ.get(LOOKED))
     g.served = served
     return image_response(served, image_request, request)
 

@@ -46,10 +46,15 @@ def _describe(data: bytes) -> str:
     return "the upstream body is not a supported image (JPEG, PNG, GIF, WebP, AVIF, BMP, TIFF)"
 
 
-def sniff(canvas: Canvas, options: RenderOptions) -> None:
-    found = sniff_format(canvas.data)
+def supported_format(data: bytes, input_formats: frozenset[str]) -> str:
+    """The format of `data` when it is one this service decodes, else BadSource (400)."""
+    found = sniff_format(data)
     if found is None:
-        raise BadSource(_describe(canvas.data))
-    if found not in options.input_formats:
+        raise BadSource(_describe(data))
+    if found not in input_formats:
         raise BadSource(f"{found.upper()} input is switched off on this service (IMAGE_PROXY_INPUT_FORMATS)")
-    canvas.source_format = found
+    return found
+
+
+def sniff(canvas: Canvas, options: RenderOptions) -> None:
+    canvas.source_format = supported_format(canvas.data, options.input_formats)

@@ -9,7 +9,22 @@ import time
 import pytest
 import redis
 
-from app.cache import PASS, Cache, CacheEntry, CacheKey, RenderLock, make_client
+from app.cache import (
+    HANDOFF_MS,
+    PASS,
+    RELEASE,
+    SHARE,
+    STORE,
+    Cache,
+    CacheEntry,
+    CacheKey,
+    CacheUnavailable,
+    Claim,
+    Outcome,
+    RedisHealth,
+    RenderLock,
+    make_client,
+)
 from app.embedded_redis import start_embedded_redis
 
 IMAGE = CacheEntry(status=200, body=b"image-bytes", content_type="image/webp", etag='"e1"')
@@ -18,9 +33,12 @@ FAILURE = CacheEntry(status=502, body=b"", content_type="application/json", erro
                      kind="upstream_failed")
 
 
-def make_cache(url: str, **overrides: int) -> Cache:
-    options = {"ttl": 60, "error_ttl": 10, "lock_expire": 10, "max_entry_bytes": 1000, **overrides}
-    return Cache(make_client(url, timeout=1), make_client(url, timeout=3), **options)
+def make_cache(url: str, lock_expire: int = 10) -> Cache:
+    return Cache(make_client(url, timeout=1), make_client(url, timeout=3), lock_expire=lock_expire)
+
+
+def stored(entry: CacheEntry) -> Outcome:
+    return Outcome(STORE, entry, 60_000)
 
 
 @pytest.fixture
@@ -39,7 +57,7 @@ def deadline(seconds: float = 5.0) -> float:
 def test_a_holder_stores_and_a_late_claimer_reads_the_entry_instead_of_rendering(cache):
     with cache.claim(key(), deadline()) as claim:
         assert claim.holder
-        cache.finish(key(), claim, IMAGE)
+        cache.finish(key(), claim, stored(IMAGE))
     # The lock is free and the entry is there: a request that missed before the store and
     # claims now must get the entry, not the lock.
     with cache.claim(key(), deadline()) as late:
@@ -49,19 +67,17 @@ def test_a_holder_stores_and_a_late_claimer_reads_the_entry_instead_of_rendering
 
 def test_an_error_never_replaces_a_stored_image(cache, redis_client):
     with cache.claim(key(), deadline()) as first:
-        cache.finish(key(), first, IMAGE)
+        cache.finish(key(), first, stored(IMAGE))
     # Another holder (e.g. after the first's lock lapsed) fails: the image stays.
     lock = RenderLock(cache.wait_client, key().lock, expire=10)
     assert lock.acquire(blocking=False)
-    from app.cache import Claim
-
-    cache.finish(key(), Claim(holder=True, lock=lock), FAILURE)
+    cache.finish(key(), Claim(holder=True, lock=lock), stored(FAILURE))
     assert cache.get(key()) == IMAGE
     # Nor does one from a holder whose lock lapsed meanwhile.
     late = RenderLock(cache.wait_client, key().lock, expire=10)
     assert late.acquire(blocking=False)
     cache.wait_client.delete("lock:" + key().lock)
-    cache.finish(key(), Claim(holder=True, lock=late), FAILURE)
+    cache.finish(key(), Claim(holder=True, lock=late), stored(FAILURE))
     assert cache.get(key()) == IMAGE
 
 
@@ -71,8 +87,8 @@ def test_a_holder_that_lost_its_lock_does_not_overwrite_the_newer_entry(cache, r
         redis_client.delete("lock:" + key().lock)  # its lock expired
         with cache.claim(key(), deadline()) as newer:
             assert newer.holder
-            cache.finish(key(), newer, OTHER_IMAGE)
-        cache.finish(key(), stale, IMAGE)
+            cache.finish(key(), newer, stored(OTHER_IMAGE))
+        cache.finish(key(), stale, stored(IMAGE))
     assert cache.get(key()) == OTHER_IMAGE
 
 
@@ -94,7 +110,7 @@ def test_a_failure_that_is_not_cached_is_handed_to_every_waiter_of_that_moment(c
     with cache.claim(key(), deadline()) as claim:
         results, threads = wait_in_threads(cache, 8)
         time.sleep(0.3)  # all eight are waiting on the lock
-        assert cache.finish(key(), claim, FAILURE, cacheable=False) == "handoff"
+        assert cache.finish(key(), claim, Outcome(SHARE, FAILURE))
     for thread in threads:
         thread.join(5)
     assert len(results) == 8
@@ -104,11 +120,10 @@ def test_a_failure_that_is_not_cached_is_handed_to_every_waiter_of_that_moment(c
 
 
 def test_an_output_too_large_to_store_lets_the_waiters_render_in_parallel_at_once(cache):
-    big = CacheEntry(status=200, body=b"x" * 5000, content_type="image/webp")
     with cache.claim(key(), deadline()) as claim:
         results, threads = wait_in_threads(cache, 8)
         time.sleep(0.3)
-        assert cache.finish(key(), claim, big) == PASS
+        assert cache.finish(key(), claim, Outcome(PASS))
     for thread in threads:
         thread.join(5)
     assert len(results) == 8
@@ -117,18 +132,51 @@ def test_an_output_too_large_to_store_lets_the_waiters_render_in_parallel_at_onc
     assert all(waited < 0.9 for _, waited in results)
 
 
-def test_error_ttl_zero_hands_the_error_over_instead_of_serializing(redis_server, redis_client):
-    cache = make_cache(redis_server.url, error_ttl=0)
+def test_a_holders_own_failure_lets_exactly_one_waiter_take_over(cache):
+    """RELEASE (the holder's budget or memory ran out): its 503 is not handed to anyone; the
+    next waiter takes the lock and tries, the others wait for that one's result."""
+    holders: list[int] = []
+    answers: list[CacheEntry | None] = []
+    lock = threading.Lock()
+
+    def wait(index: int) -> None:
+        with cache.claim(key(), deadline()) as claim:
+            if claim.holder:
+                with lock:
+                    holders.append(index)
+                time.sleep(0.2)
+                cache.finish(key(), claim, stored(IMAGE))
+            else:
+                with lock:
+                    answers.append(claim.entry)
+
     with cache.claim(key(), deadline()) as claim:
-        results, threads = wait_in_threads(cache, 4)
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
         time.sleep(0.3)
-        assert cache.finish(key(), claim, FAILURE) == "handoff"
+        cache.finish(key(), claim, Outcome(RELEASE))
     for thread in threads:
         thread.join(5)
-    assert [found.entry for found, _ in results] == [FAILURE] * 4
+    assert len(holders) == 1, "exactly one waiter takes over"
+    assert answers == [IMAGE] * 5, "the others read its result"
 
 
-def test_a_holder_leaving_by_an_exception_frees_the_waiters(cache):
+def test_no_wake_up_signal_outlives_the_handoff_window(cache, redis_client):
+    with cache.claim(key(), deadline()) as claim:
+        results, threads = wait_in_threads(cache, 8)
+        time.sleep(0.3)
+        cache.finish(key(), claim, stored(IMAGE))
+    for thread in threads:
+        thread.join(5)
+    assert len(results) == 8 and all(found.entry == IMAGE for found, _ in results)
+    # One signal passed from waiter to waiter: at most one is left, and it expires.
+    assert redis_client.llen(key().wake) <= 1
+    assert redis_client.pttl(key().wake) <= HANDOFF_MS
+    assert redis_client.keys("ip:*:n:*") == [], "no waiter count is kept"
+
+
+def test_a_holder_leaving_by_an_exception_hands_the_key_to_a_waiter_at_once(cache, redis_client):
     results, threads = [], []
     with pytest.raises(RuntimeError), cache.claim(key(), deadline()) as claim:
         assert claim.holder
@@ -137,7 +185,11 @@ def test_a_holder_leaving_by_an_exception_frees_the_waiters(cache):
         raise RuntimeError("a bug in the render")
     for thread in threads:
         thread.join(5)
-    assert len(results) == 3 and all(not found.holder and found.entry is None for found, _ in results)
+    # Each waiter in turn finds the key free (nobody finished with an answer) and takes it,
+    # long before the 10 s lock expiry; none is left holding it.
+    assert len(results) == 3 and all(found.holder for found, _ in results)
+    assert max(waited for _, waited in results) < 2
+    assert not redis_client.exists("lock:" + key().lock)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +230,51 @@ def test_lock_renewal_survives_a_redis_stall():
         server.process.send_signal(signal.SIGCONT)
         time.sleep(1.3)  # past the original 2 s expiry
         assert client.get("lock:stall-test") == lock.id.encode(), "the lock was renewed after the stall"
-        assert not lock.lost
         lock.release()
     finally:
         server.stop()
+
+
+def test_while_redis_is_down_calls_skip_it_at_once_and_one_probe_brings_it_back():
+    server = start_embedded_redis()
+    try:
+        cache = make_cache(server.url)
+        cache.health = RedisHealth(down_s=0.3)
+        cache.client = make_client(server.url, timeout=0.2)
+        assert cache.get(key()) is None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(CacheUnavailable):
+                cache.get(key())  # pays the timeout once
+            first = time.monotonic() - started
+            skipped = []
+            for _ in range(20):
+                started = time.monotonic()
+                with pytest.raises(CacheUnavailable):
+                    cache.get(key())
+                skipped.append(time.monotonic() - started)
+            assert first >= 0.2
+            assert max(skipped) < 0.2 / 4, "skipped at once, not after another timeout"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        give_up = time.monotonic() + 5
+        while time.monotonic() < give_up:
+            try:
+                cache.get(key())
+                break
+            except CacheUnavailable:
+                time.sleep(0.05)
+        assert not cache.health.down, "a probe after the window found Redis again"
+    finally:
+        server.stop()
+
+
+def test_kept_sources_past_their_cap_drop_the_oldest(cache, redis_client):
+    for index in range(5):
+        skey = CacheKey(f"src-{index}", "src").kept_source
+        redis_client.set(skey.entry, b"x" * 100)
+        dropped = cache.bound_kept(skey, 100, 60, 250)
+        assert dropped == (1 if index >= 2 else 0)
+    kept = [CacheKey(f"src-{i}", "src").kept_source.entry for i in range(5)]
+    assert [bool(redis_client.exists(name)) for name in kept] == [False, False, False, True, True]
