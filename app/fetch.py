@@ -319,9 +319,9 @@ class Fetcher:
             )
         except ProxyError:
             raise
-        except requests.exceptions.ConnectTimeout:
-            raise UpstreamTimeout(f"connecting to {url.host} timed out") from None
-        except requests.exceptions.ReadTimeout:
+        except (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout):
+            # The connect, like the read, is cut at the one deadline: fetch_source tells
+            # whether that was the upstream's (504) or the request budget's (503, not stored).
             raise _DeadlinePassed from None
         except requests.exceptions.SSLError as exc:
             raise UpstreamFailed(f"TLS failure talking to {url.host}: {_reason(exc)}") from None
