@@ -15,7 +15,7 @@ import redis
 import requests
 from redis.cluster import RedisCluster
 
-from app.cache import CacheKey
+from app.cache import KEPT_INDEX, KEPT_SIZES, CacheKey
 from app.embedded_redis import EmbeddedRedis, find_redis_server, start_embedded_redis
 from app.factory import create_app
 
@@ -140,12 +140,13 @@ def test_redis_cluster_caches_and_dedups_with_hash_tagged_keys(cluster, settings
     assert app.test_client().get(path).headers["X-Cache"] == "HIT"
     assert app.test_client().get("/healthz").status_code == 200
 
-    # Every key of one source (entry, lock, wake-up list, waiter count, handoff, pass
-    # marker) lives in one slot, so the finish script can touch them together.
+    # Every key of one source (entry, lock, wake-up signal, handoff, pass marker) lives in
+    # one slot, so the finish script can touch them together; so do the kept-source index's.
     client = RedisCluster.from_url(cluster.url)
     key, other_variant = CacheKey("abc", "v1"), CacheKey("abc", "v2")
-    keys = [key.entry, "lock:" + key.lock, key.wake, key.waiters, key.handoff, key.passed, other_variant.entry]
+    keys = [key.entry, "lock:" + key.lock, key.wake, key.handoff, key.passed, other_variant.entry]
     assert len({client.keyslot(key) for key in keys}) == 1
+    assert client.keyslot(KEPT_INDEX) == client.keyslot(KEPT_SIZES)
     stored = list(client.scan_iter(match="ip:*:v:*", target_nodes=RedisCluster.ALL_NODES))
     assert len(stored) == 1
     client.close()
