@@ -21,9 +21,9 @@ treats Redis as down for DOWN_S and every cache call fails at once (`CacheUnavai
 X-Cache: BYPASS); then one call at a time probes it with the normal timeout until it answers.
 So a stalled Redis costs one request per DOWN_S one timeout, not every request two.
 
-Kept sources are bounded (`Cache.bound_kept`): an index of kept bodies and their sizes, the
-oldest dropped first past SOURCE_CACHE_BYTES, so downloads can never push the rendered
-images out of Redis.
+Kept sources are bounded: finishing a kept source's claim with STORE counts its body in an
+index of kept bodies and their sizes, and the oldest are dropped past SOURCE_CACHE_BYTES,
+so downloads can never push the rendered images out of Redis.
 """
 
 from __future__ import annotations
@@ -142,13 +142,43 @@ KEPT_INDEX, KEPT_SIZES = "ip:{kept}:index", "ip:{kept}:sizes"
 
 
 @dataclass(frozen=True)
+class SourceRecord:
+    """What is stored about a source, shared by all its variants: the digest of its bytes,
+    the end of its freshness and the upstream's validators (rules: app/image/freshness.py)."""
+
+    digest: str
+    fresh_until: float  # epoch seconds
+    etag: str = ""
+    last_modified: str = ""
+
+    def is_fresh(self, now: float) -> bool:
+        return now < self.fresh_until
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> SourceRecord | None:
+        """None for a missing or unreadable record (another version's layout): then the
+        variants' own stamps decide, and the next fetch writes a new one."""
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+            return cls(str(data["digest"]), float(data["fresh_until"]), str(data.get("etag", "")),
+                       str(data.get("last_modified", "")))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+@dataclass(frozen=True)
 class Look:
     """One round trip's view of a variant: its entry (and raw bytes), the source record,
     and whether the upstream failed a moment ago."""
 
     entry: CacheEntry | None
     raw: bytes | None
-    record: bytes | None
+    record: SourceRecord | None
     failing: bool
 
 
@@ -412,13 +442,14 @@ class Claim:
 
 
 class Cache:
-    def __init__(self, client: Any, wait_client: Any, *, lock_expire: int, cluster: bool = False,
-                 health: RedisHealth | None = None) -> None:
+    def __init__(self, client: Any, wait_client: Any, *, lock_expire: int, kept_cap: int = 64 << 20,
+                 cluster: bool = False, health: RedisHealth | None = None) -> None:
         self.client = client
         # Waiters block on the wake-up signal for WAIT_STEP_S; they need a socket timeout
         # above that, while every other command keeps the short one.
         self.wait_client = wait_client
         self.lock_expire = lock_expire
+        self.kept_cap = kept_cap  # SOURCE_CACHE_BYTES
         self.cluster = cluster
         self.health = health or RedisHealth()
         self._finish = wait_client.register_script(_FINISH)
@@ -461,35 +492,32 @@ class Cache:
         MGET (one hash tag, so one slot in a Cluster too)."""
         with self._redis("get"):
             raw, record, failing = self.client.mget([key.entry, key.record, key.failing])
-        return Look(CacheEntry.from_bytes(raw) if raw else None, raw, record, bool(failing))
+        return Look(CacheEntry.from_bytes(raw) if raw else None, raw, SourceRecord.from_bytes(record), bool(failing))
 
-    def put_record(self, key: CacheKey, record: bytes, ttl: int) -> None:
+    def put_record(self, key: CacheKey, record: SourceRecord, ttl: int) -> None:
         """Write the source's freshness record and clear its failure marker."""
         with self._redis("set record"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(key.record, record, ex=max(1, ttl))
+            pipe.set(key.record, record.to_bytes(), ex=max(1, ttl))
             pipe.delete(key.failing)
             pipe.execute()
 
-    def get_record(self, key: CacheKey) -> bytes | None:
+    def get_record(self, key: CacheKey) -> SourceRecord | None:
         with self._redis("get record"):
-            return self.client.get(key.record)
+            return SourceRecord.from_bytes(self.client.get(key.record))
 
     def mark_failing(self, key: CacheKey, seconds: float) -> None:
         with contextlib.suppress(CacheUnavailable), self._redis("set failure marker"):
             self.client.set(key.failing, b"1", px=max(1, int(seconds * 1000)))
 
-    def bound_kept(self, skey: CacheKey, size: int, ttl_s: int, cap: int) -> int:
+    def _bound_kept_sources(self, skey: CacheKey, size: int, ttl_ms: int) -> None:
         """Count a kept source against SOURCE_CACHE_BYTES and drop the oldest kept sources
-        past it. Returns how many were dropped."""
+        past it (they are deleted one by one: in a Cluster they live in other slots)."""
         now_ms = int(time.time() * 1000)
-        with self._redis("bound kept sources"):
-            dropped = self._bound_kept(keys=[KEPT_INDEX, KEPT_SIZES],
-                                       args=[now_ms, skey.entry, size, now_ms + ttl_s * 1000, cap,
-                                             max(1, ttl_s) * 2000])
-            for name in dropped:
-                self.client.delete(name)
-        return len(dropped)
+        dropped = self._bound_kept(keys=[KEPT_INDEX, KEPT_SIZES],
+                                   args=[now_ms, skey.entry, size, now_ms + ttl_ms, self.kept_cap, 2 * ttl_ms])
+        for name in dropped:
+            self.client.delete(name)
 
     def purge(self, source: str) -> int:
         """Delete every variant, the kept source and the record of one source; returns how
@@ -601,6 +629,8 @@ class Cache:
         try:
             with self._redis("finish"):
                 self._run_finish(key, lock, outcome)
+                if isinstance(key, SourceKey) and outcome.action == STORE and outcome.entry is not None:
+                    self._bound_kept_sources(key, len(outcome.entry.body), outcome.ttl_ms)
         except CacheUnavailable:
             return False
         return True

@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
 
     client = make_client(settings.redis_url, timeout=settings.redis_timeout, cluster=settings.redis_cluster)
     wait_client = make_client(settings.redis_url, timeout=settings.redis_timeout + 2, cluster=settings.redis_cluster)
-    cache = Cache(client, wait_client, lock_expire=settings.lock_seconds, cluster=settings.redis_cluster)
+    cache = Cache(client, wait_client, lock_expire=settings.lock_seconds, kept_cap=settings.source_cache_limit,
+                  cluster=settings.redis_cluster)
     fetcher = Fetcher(
         timeout=settings.upstream_timeout,
         max_bytes=settings.max_source_bytes,

@@ -1,6 +1,7 @@
 """Freshness of cached variants, per source: pure rules, no Redis, no clock of its own.
 
-Every variant of one source URL consults one small record (`SourceRecord`): the upstream's
+Every variant of one source URL consults one small record (`SourceRecord`, stored by
+app/cache.py): the upstream's
 validators, a digest of the source bytes, and `fresh_until`. A variant carries the digest it
 was rendered from and the record's `fresh_until` at that time (its stamp). So:
 
@@ -24,45 +25,12 @@ source live in Redis. Nothing else reads those settings.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from app.cache import CacheEntry, Look
-from app.fetch import Validators
+from app.cache import CacheEntry, Look, SourceRecord
 from app.settings import Settings
 
 FRESH, STALE, EXPIRED = "fresh", "stale", "expired"
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    digest: str
-    fresh_until: float  # epoch seconds
-    etag: str = ""
-    last_modified: str = ""
-
-    @property
-    def validators(self) -> Validators:
-        return Validators(self.etag, self.last_modified)
-
-    def is_fresh(self, now: float) -> bool:
-        return now < self.fresh_until
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes | None) -> SourceRecord | None:
-        """None for a missing or unreadable record (another version's layout): then the
-        variants' own stamps decide, and the next fetch writes a new one."""
-        if not raw:
-            return None
-        try:
-            data = json.loads(raw)
-            return cls(str(data["digest"]), float(data["fresh_until"]), str(data.get("etag", "")),
-                       str(data.get("last_modified", "")))
-        except (ValueError, TypeError, KeyError):
-            return None
 
 
 def stamped(entry: CacheEntry, record: SourceRecord) -> CacheEntry:
@@ -130,4 +98,4 @@ class Lifetimes:
         """FRESH, STALE or EXPIRED for the entry a look found; None when there was none."""
         if look.entry is None:
             return None
-        return state(look.entry, SourceRecord.from_bytes(look.record), now, self.stale_ttl)
+        return state(look.entry, look.record, now, self.stale_ttl)

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from app import metrics
-from app.cache import RELEASE, SHARE, STORE, Cache, CacheEntry, CacheUnavailable, Outcome
+from app.cache import RELEASE, SHARE, STORE, Cache, CacheEntry, CacheUnavailable, Outcome, SourceRecord
 from app.errors import ProxyError
 from app.fetch import Fetcher, Source, Validators
-from app.image.freshness import Lifetimes, SourceRecord, digest_of
+from app.image.freshness import Lifetimes, digest_of
 from app.image.miss import Miss
 from app.render.sniff import supported_format
 from app.settings import Settings
@@ -83,7 +83,7 @@ class SourceProvider:
     def _shared(self, miss: Miss, hold: Hold) -> Current:
         skey = miss.key.kept_source
         look = self.cache.look(skey)
-        record, kept = SourceRecord.from_bytes(look.record), look.entry
+        record, kept = look.record, look.entry
         found = self._usable(record, kept, miss.stale)
         if found is not None:
             return found
@@ -92,13 +92,13 @@ class SourceProvider:
                 # Another request fetched (or renewed, or failed) while this one waited.
                 if not claim.entry.ok and claim.entry.status != _NOT_MODIFIED:
                     raise claim.entry.as_error()
-                record = SourceRecord.from_bytes(self.cache.get_record(miss.key))
+                record = self.cache.get_record(miss.key)
                 again = self._usable(record, claim.entry if claim.entry.ok else None, miss.stale)
                 return again or self._fetch(miss, hold, record, None)
             if not claim.holder:
                 return self._fetch(miss, hold, record, kept)  # render in parallel
             # Holding the claim: re-read the record, a previous holder may just have renewed it.
-            record = SourceRecord.from_bytes(self.cache.get_record(miss.key))
+            record = self.cache.get_record(miss.key)
             found = self._usable(record, kept, miss.stale)
             if found is not None:
                 self.cache.finish(skey, claim, Outcome(SHARE, _RENEWED))
@@ -112,11 +112,7 @@ class SourceProvider:
                 self.cache.finish(skey, claim, Outcome(SHARE, CacheEntry.from_error(exc)) if exc.cacheable
                                   else Outcome(RELEASE))
                 raise
-            self.cache.finish(skey, claim, keep)
-            if keep.action == STORE and keep.entry is not None:
-                with contextlib.suppress(CacheUnavailable):
-                    self.cache.bound_kept(skey, len(keep.entry.body), self.lifetimes.source_ttl,
-                                          self.settings.source_cache_limit)
+            self.cache.finish(skey, claim, keep)  # a kept body counts against SOURCE_CACHE_BYTES
             return result
 
     def _usable(self, record: SourceRecord | None, kept: CacheEntry | None, stale: CacheEntry | None) -> Current | None:
@@ -140,7 +136,9 @@ class SourceProvider:
         stale = miss.stale
         have = {entry.meta.get("source_digest") for entry in (stale, kept) if entry is not None and entry.ok}
         # Ask conditionally only when a 304 would leave something to serve or render.
-        validators = record.validators if record is not None and record.digest in have else None
+        validators = None
+        if record is not None and record.digest in have:
+            validators = Validators(record.etag, record.last_modified)
         revalidating = record is not None or stale is not None
         try:
             source = self._download(miss, hold, validators or None)
@@ -169,7 +167,7 @@ class SourceProvider:
             metrics.REVALIDATIONS.labels(result).inc()
         # A record that cannot be written costs a later revalidation, never this answer.
         with contextlib.suppress(CacheUnavailable):
-            self.cache.put_record(miss.key, renewed.to_bytes(), self.lifetimes.record_ttl)
+            self.cache.put_record(miss.key, renewed, self.lifetimes.record_ttl)
         return current
 
     def _keep(self, result: Current, kept: CacheEntry | None) -> Outcome:

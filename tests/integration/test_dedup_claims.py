@@ -270,11 +270,15 @@ def test_while_redis_is_down_calls_skip_it_at_once_and_one_probe_brings_it_back(
         server.stop()
 
 
-def test_kept_sources_past_their_cap_drop_the_oldest(cache, redis_client):
-    for index in range(5):
-        skey = CacheKey(f"src-{index}", "src").kept_source
-        redis_client.set(skey.entry, b"x" * 100)
-        dropped = cache.bound_kept(skey, 100, 60, 250)
-        assert dropped == (1 if index >= 2 else 0)
-    kept = [CacheKey(f"src-{i}", "src").kept_source.entry for i in range(5)]
-    assert [bool(redis_client.exists(name)) for name in kept] == [False, False, False, True, True]
+def test_kept_sources_past_their_cap_drop_the_oldest(redis_server, redis_client):
+    cache = Cache(make_client(redis_server.url, timeout=1), make_client(redis_server.url, timeout=3),
+                  lock_expire=10, kept_cap=250)
+    kept = [CacheKey(f"src-{i}", "src").kept_source for i in range(5)]
+    body = CacheEntry(status=200, body=b"x" * 100, content_type="application/octet-stream")
+    for skey in kept:
+        with cache.claim(skey, deadline()) as claim:
+            assert claim.holder
+            cache.finish(skey, claim, Outcome(STORE, body, 60_000))
+    # 100 bytes each under a 250-byte cap: only the two newest stay.
+    assert [bool(redis_client.exists(skey.entry)) for skey in kept] == [False, False, False, True, True]
+    assert int(redis_client.hget("ip:{kept}:sizes", "_total")) == 200

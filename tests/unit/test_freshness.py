@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.cache import CacheEntry
-from app.image.freshness import EXPIRED, FRESH, STALE, SourceRecord, stamped, state
+from app.cache import CacheEntry, SourceRecord
+from app.image.freshness import EXPIRED, FRESH, STALE, stamped, state
 
 RECORD = SourceRecord(digest="d1", fresh_until=1000.0, etag='"e"')
 IMAGE = stamped(CacheEntry(status=200, body=b"x", content_type="image/webp"), RECORD)
