@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from app.cache import DOWN_S
 from tests import processes
 
 pytestmark = pytest.mark.e2e
@@ -124,6 +125,9 @@ def test_a_killed_embedded_redis_is_restarted_on_its_socket_and_caching_resumes(
     new_pid = server.embedded_redis_pid()
     assert new_pid not in (None, old_pid)
     assert processes.redis_socket(new_pid) == socket_path, "the same socket path the workers know"
+    # A worker that met the outage skips Redis for DOWN_S after its last failure, then probes:
+    # past that, both workers use the new Redis.
+    time.sleep(DOWN_S + 0.1)
     assert cache_status(server, upstream, "again") == "MISS"
     assert cache_status(server, upstream, "again") == "HIT", "shared by both workers again"
     assert "restarting it" in server.log()
