@@ -163,6 +163,24 @@ def _token(text: str) -> str:
     return text
 
 
+#: A shorter secret could be guessed offline from one signed URL; 32 characters of a random
+#: token are well past that, and HMAC-SHA256 gains nothing from a key over 64 bytes.
+MIN_SIGNING_KEY_LENGTH = 32
+
+
+def parse_signing_keys(text: str) -> tuple[str, ...]:
+    """Comma-separated keys, each at least MIN_SIGNING_KEY_LENGTH characters; empty = signing
+    off. Shared with app/signing.py's helper. The error never contains a key."""
+    keys = tuple(_items(text))
+    for position, key in enumerate(keys, start=1):
+        if len(key) < MIN_SIGNING_KEY_LENGTH:
+            raise ValueError(
+                f"key {position} of {len(keys)} has {len(key)} characters; each key needs at least "
+                f"{MIN_SIGNING_KEY_LENGTH} (e.g. from `openssl rand -base64 33`)"
+            )
+    return keys
+
+
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -187,6 +205,8 @@ class Spec:
     parse: Callable[[str], Any]
     default: str
     help: str
+    #: Its value is never printed, not even in the start-up error that names it.
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -230,7 +250,8 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("front_page", _bool, "on", "Serve the try-it page at /; off makes / a 404."),
     Spec("trusted_proxies", _networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are."),
     Spec("metrics_bind", _optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only."),
-    Spec("admin_token", _admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404."),
+    Spec("admin_token", _admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404.", secret=True),
+    Spec("signing_keys", parse_signing_keys, "", "Comma-separated keys (each at least 32 characters) for signed URLs: when set, /image needs a valid s (any key verifies, the first signs) and the front page is off; empty = no signing (docs/security.md).", secret=True),
 )
 
 
@@ -271,6 +292,7 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
     metrics_bind: str = ""
     admin_token: str = field(default="", repr=False)  # a secret: never printed
+    signing_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never printed
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -283,7 +305,8 @@ class Settings:
             try:
                 values[spec.attr] = spec.parse(raw)
             except ValueError as exc:
-                problems.append(f"{spec.env}={raw!r}: {exc}")
+                shown = "<hidden>" if spec.secret else repr(raw)
+                problems.append(f"{spec.env}={shown}: {exc}")
         threads, max_queue = values.get("threads", cls.threads), values.get("max_queue")
         if not problems and max_queue is not None and max_queue >= threads:
             problems.append(
