@@ -80,7 +80,7 @@ class Signer:
 
     def __post_init__(self) -> None:
         if not self.keys:
-            raise ValueError(f"no signing key: set {ENV}")
+            raise ValueError("no key given (the service's keys, comma-separated; the first one signs)")
 
     @classmethod
     def from_env(cls, base: str, environ: Mapping[str, str] | None = None) -> Signer:
