@@ -38,6 +38,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from app.errors import (
     Busy,
+    LoopDetected,
     ProxyError,
     SourceNotAllowed,
     SourceNotFound,
@@ -62,6 +63,7 @@ UNRESOLVED = "cannot resolve the source host"
 TLS_FAILED = "the TLS handshake with the upstream failed"
 BROKE_OFF = "the upstream body broke off before its end"
 REFUSED_REDIRECT = "the upstream redirected to a refused URL"
+REDIRECTED_BACK = "the upstream redirected to a URL that points back at this service"
 
 #: host, port -> addresses; the default asks the system resolver. Tests pass a stub.
 Resolver = Callable[[str, int], list[IPAddress]]
@@ -336,8 +338,10 @@ class Fetcher:
             raise SourceNotAllowed("upstream redirected from https to http (downgrade refused)")
         try:
             url_policy.check(target)
+        except LoopDetected as exc:
+            raise LoopDetected(REDIRECTED_BACK, detail=str(exc)) from None
         except SourceNotAllowed as exc:
-            raise type(exc)(REFUSED_REDIRECT, detail=str(exc)) from None
+            raise SourceNotAllowed(REFUSED_REDIRECT, detail=str(exc)) from None
         return target
 
     def _get(self, url: SourceURL, deadline: float, conditional: dict[str, str] | None = None) -> requests.Response:
