@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import os
 import re
@@ -279,3 +280,22 @@ def test_signing_module_imports_without_flask_werkzeug_or_requests():
                             check=True)
     modules = json.loads(result.stdout)
     assert not [m for m in modules if m.split(".")[0] in ("flask", "werkzeug", "requests", "PIL", "redis")]
+
+
+def test_docs_jinja_example_renders_signed_urls():
+    from jinja2 import Environment
+
+    template = re.findall(r"```jinja\n(.*?)```", API_DOC.read_text(), re.S)
+    assert len(template) == 1, "docs/api.md must hold one Jinja example"
+    signer = Signer((KEY,), BASE)
+    env = Environment(autoescape=True)
+    env.globals.update(image_url=signer.url, image_srcset=signer.srcset)  # as the doc says
+    photo = {"url": "https://example.com/p.jpg?v=2&size=large", "title": "A <b> photo"}
+    rendered = env.from_string(template[0]).render(photo=photo)
+    src = re.search(r'src="([^"]+)"', rendered).group(1)
+    srcset = re.search(r'srcset="([^"]+)"', rendered).group(1)
+    assert "&amp;" in src and "<b>" not in rendered
+    urls = [html.unescape(src)] + [html.unescape(c.rsplit(" ", 1)[0]) for c in srcset.split(", ")]
+    assert len(urls) == 4
+    for url in urls:
+        check_signature(_args(url), (KEY,))
