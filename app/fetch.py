@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from app.guard import AddressPolicy, IPAddress, SourceURL, URLPolicy, parse_sour
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 HOLD_STEP = 1024 * 1024
+_DIGITS = re.compile(r"[0-9]{1,19}")
 USER_AGENT = "image-proxy/1.0 (+https://github.com/image-proxy)"
 
 log = logging.getLogger("image_proxy.fetch")
@@ -379,10 +381,10 @@ class Fetcher:
         if status != 200:
             response.close()
             raise UpstreamFailed(f"upstream answered {status}")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = _declared_length(response)
+        if declared is not None and declared > self.max_bytes:
             response.close()
-            raise SourceTooLarge(f"source is {int(declared)} bytes, over the {self.max_bytes}-byte limit")
+            raise SourceTooLarge(f"source is {declared} bytes, over the {self.max_bytes}-byte limit")
         return response
 
     def _read_body(
@@ -416,13 +418,20 @@ class Fetcher:
             raise _DeadlinePassed from None
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
             raise UpstreamFailed(BROKE_OFF, detail=f"after {size} bytes: {_reason(exc)}") from None
-        declared = response.headers.get("Content-Length", "")
+        declared = _declared_length(response)
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        if declared.isdigit() and not encoded and size < int(declared):
+        if declared is not None and not encoded and size < declared:
             raise UpstreamFailed(f"the upstream body ended after {size} of the {declared} bytes it announced")
         if hold_bytes is not None:
             hold_bytes(held + size)  # the join below holds the chunks and the body at once
         return b"".join(chunks)
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    """Content-Length when it is plain ASCII digits, else None (the body is still capped as
+    it streams). str.isdigit() is not enough: it accepts "²", which int() refuses."""
+    declared = response.headers.get("Content-Length", "")
+    return int(declared) if _DIGITS.fullmatch(declared) else None
 
 
 def _remaining(deadline: float) -> float:

@@ -133,3 +133,14 @@ def test_a_corrupt_image_gets_a_fixed_reason_without_the_decoders_text(client, u
     assert response.status_code == 400
     # Pillow says "image file is truncated (1 bytes not processed)": that stays in the log.
     assert response.json == {"error": "the JPEG data is corrupt or truncated"}
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xd9\xa3", b" 12", b"-1", b"1e3"],
+                         ids=["superscript-two", "arabic-indic-digit", "space", "negative", "exponent"])
+def test_an_odd_content_length_is_an_answer_not_a_500(client, listeners, length):
+    # str.isdigit() accepts "²", which int() refuses: that was a 500 (ValueError) before.
+    listener = Listener(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\nConnection: close\r\n\r\nabc", hold=0.0)
+    listeners.append(listener)
+    response = fetch_through(client, listener.port)
+    assert response.status_code in (400, 502), response.get_data()
+    assert set(response.json) == {"error"}
