@@ -11,22 +11,39 @@ from typing import ClassVar
 
 
 class ProxyError(Exception):
-    """A failure with a public reason. `status` is the HTTP status it becomes."""
+    """A failure with a public reason. `status` is the HTTP status it becomes.
+
+    `message` is the response body: a fixed reason, at most naming what the client sent.
+    Never put an exception's text or upstream bytes in it (a banner from an internal port, a
+    TLS library's detail, the address a name resolved to): those go in `detail`, which is
+    logged and shown by str() (tracebacks, tests), never sent."""
 
     status: ClassVar[int] = 500
     kind: ClassVar[str] = "internal"
-    #: Whether serve() stores the failure for ERROR_TTL so waiters and followers share it.
+    #: Whether the failure is about the image or the upstream, so it is stored for ERROR_TTL and
+    #: shared with waiters and followers; False: about this request's own circumstances (its
+    #: parameters, its budget, memory right now), so the waiters try for themselves.
     cacheable: ClassVar[bool] = True
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: int | None = None, detail: str = "") -> None:
+        super().__init__(f"{message} ({detail})" if detail else message)
         self.message = message
         self.retry_after = retry_after
+        self.detail = detail
 
 
 class BadParameter(ProxyError):
     status = 400
     kind = "bad_parameter"
+    cacheable = False
+
+
+class BadSignature(ProxyError):
+    """Signing is on and `s` is missing or verifies under no key: refused before any cache
+    look or fetch, so an unsigned URL costs the service nothing."""
+
+    status = 403
+    kind = "bad_signature"
     cacheable = False
 
 

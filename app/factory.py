@@ -84,7 +84,9 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
         from app.admin.views import bp as admin_bp
 
         app.register_blueprint(admin_bp)
-    if settings.front_page:
+    if settings.front_page and not settings.signing_keys:
+        # The page builds /image URLs in the browser, which cannot hold the signing key
+        # (docs/front-page.md): with signing on, / is a 404 like FRONT_PAGE=off.
         app.register_blueprint(front_bp)
     _register_health_and_metrics(app)
     _register_error_handlers(app)
@@ -143,7 +145,9 @@ def _register_health_and_metrics(app: Flask) -> None:
         try:
             app.extensions["image_proxy"].cache.ping()
         except CacheUnavailable as exc:
-            return error_response(503, f"redis unavailable: {exc}")
+            # Redis's error names sockets and addresses: the log has it, the body a fixed reason.
+            log.warning("healthz: %s", exc)
+            return error_response(503, "redis unavailable")
         response = jsonify(status="ok", redis="ok")
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -8,11 +8,19 @@ The address check lives in the connection's dialer (`_GuardedConnectionMixin._ne
 the host is resolved there, every address checked with the guard, and the socket opened to
 the checked address, so DNS cannot change between check and connect. Host header, TLS SNI
 and certificate verification still use the host name, because urllib3 keeps `self.host`.
+
+Failures reach the client as fixed reasons (one per kind: cannot resolve, cannot connect or
+no HTTP answer, TLS, timeout, status): never the exception's text, which can carry what the
+other end sent (an SSH banner read as a status line) or tell a refused port from one that
+sent garbage. The detail goes in the error's `detail`, which fetch_source logs
+(`image_proxy.fetch`, at INFO) and never sends.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -31,6 +39,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from app.errors import (
     Busy,
+    LoopDetected,
     ProxyError,
     SourceNotAllowed,
     SourceNotFound,
@@ -44,7 +53,19 @@ from app.guard import AddressPolicy, IPAddress, SourceURL, URLPolicy, parse_sour
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 HOLD_STEP = 1024 * 1024
+_DIGITS = re.compile(r"[0-9]{1,19}")
 USER_AGENT = "image-proxy/1.0 (+https://github.com/image-proxy)"
+
+log = logging.getLogger("image_proxy.fetch")
+
+#: The public reasons. UNREACHABLE covers a refused port, a reset, and a listener that
+#: answers with something other than HTTP alike, so the answer is no port scanner.
+UNREACHABLE = "cannot connect to the upstream, or it did not answer with HTTP"
+UNRESOLVED = "cannot resolve the source host"
+TLS_FAILED = "the TLS handshake with the upstream failed"
+BROKE_OFF = "the upstream body broke off before its end"
+REFUSED_REDIRECT = "the upstream redirected to a refused URL"
+REDIRECTED_BACK = "the upstream redirected to a URL that points back at this service"
 
 #: host, port -> addresses; the default asks the system resolver. Tests pass a stub.
 Resolver = Callable[[str, int], list[IPAddress]]
@@ -257,6 +278,10 @@ class Fetcher:
             }
         )
 
+    @property
+    def timeout_reason(self) -> str:
+        return f"upstream did not deliver the image within {self.timeout:g} s"
+
     def close(self) -> None:
         self.session.close()
 
@@ -291,6 +316,11 @@ class Fetcher:
                     response.close()
                 url = self._next_hop(url, location, url_policy)
             raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+        except ProxyError as exc:
+            if exc.detail:
+                # %r: the detail may hold what the other end sent, control characters too.
+                log.info("fetch %s failed: %s: %r", url.origin, exc.message, exc.detail)
+            raise
         except _DeadlinePassed:
             if deadline < started + self.timeout:
                 # The request's own budget ran out first (it waited for a lock, memory or a
@@ -298,16 +328,22 @@ class Fetcher:
                 # and does not mark the source as failing.
                 raise Busy("this request ran out of time before the image arrived; retry shortly",
                            retry_after=2) from None
-            raise UpstreamTimeout(f"upstream did not deliver the image within {self.timeout:g} s") from None
+            raise UpstreamTimeout(self.timeout_reason) from None
 
     def _next_hop(self, current: SourceURL, location: str, url_policy: URLPolicy) -> SourceURL:
+        # Location is upstream bytes: its parse errors and the host it names stay in the log.
         try:
             target = parse_source_url(urljoin(str(current), location), param="redirect")
         except ProxyError as exc:
-            raise SourceNotAllowed(f"upstream redirected to a refused URL: {exc.message}") from None
+            raise SourceNotAllowed(REFUSED_REDIRECT, detail=str(exc)) from None
         if current.scheme == "https" and target.scheme == "http":
             raise SourceNotAllowed("upstream redirected from https to http (downgrade refused)")
-        url_policy.check(target)
+        try:
+            url_policy.check(target)
+        except LoopDetected as exc:
+            raise LoopDetected(REDIRECTED_BACK, detail=str(exc)) from None
+        except SourceNotAllowed as exc:
+            raise SourceNotAllowed(REFUSED_REDIRECT, detail=str(exc)) from None
         return target
 
     def _get(self, url: SourceURL, deadline: float, conditional: dict[str, str] | None = None) -> requests.Response:
@@ -324,16 +360,16 @@ class Fetcher:
             # whether that was the upstream's (504) or the request budget's (503, not stored).
             raise _DeadlinePassed from None
         except requests.exceptions.SSLError as exc:
-            raise UpstreamFailed(f"TLS failure talking to {url.host}: {_reason(exc)}") from None
+            raise UpstreamFailed(TLS_FAILED, detail=_reason(exc)) from None
         except requests.exceptions.ConnectionError as exc:
             inner = _guard_error(exc)
             if inner is not None:
                 raise inner from None
             if _is_dns_failure(exc):
-                raise UpstreamFailed(f"cannot resolve host {url.host}") from None
-            raise UpstreamFailed(f"cannot connect to {url.host}: {_reason(exc)}") from None
+                raise UpstreamFailed(UNRESOLVED, detail=f"{url.host}: {_reason(exc)}") from None
+            raise UpstreamFailed(UNREACHABLE, detail=_reason(exc)) from None
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
-            raise UpstreamFailed(f"upstream request to {url.host} failed: {_reason(exc)}") from None
+            raise UpstreamFailed(UNREACHABLE, detail=_reason(exc)) from None
         status = response.status_code
         if status in (404, 410):
             response.close()
@@ -343,10 +379,10 @@ class Fetcher:
         if status != 200:
             response.close()
             raise UpstreamFailed(f"upstream answered {status}")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = _declared_length(response)
+        if declared is not None and declared > self.max_bytes:
             response.close()
-            raise SourceTooLarge(f"source is {int(declared)} bytes, over the {self.max_bytes}-byte limit")
+            raise SourceTooLarge(f"source is {declared} bytes, over the {self.max_bytes}-byte limit")
         return response
 
     def _read_body(
@@ -379,14 +415,21 @@ class Fetcher:
         except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
             raise _DeadlinePassed from None
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
-            raise UpstreamFailed(f"upstream body broke off: {_reason(exc)}") from None
-        declared = response.headers.get("Content-Length", "")
+            raise UpstreamFailed(BROKE_OFF, detail=f"after {size} bytes: {_reason(exc)}") from None
+        declared = _declared_length(response)
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        if declared.isdigit() and not encoded and size < int(declared):
-            raise UpstreamFailed(f"upstream body ended after {size} of {declared} bytes")
+        if declared is not None and not encoded and size < declared:
+            raise UpstreamFailed(f"the upstream body ended after {size} of the {declared} bytes it announced")
         if hold_bytes is not None:
             hold_bytes(held + size)  # the join below holds the chunks and the body at once
         return b"".join(chunks)
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    """Content-Length when it is plain ASCII digits, else None (the body is still capped as
+    it streams). str.isdigit() is not enough: it accepts "²", which int() refuses."""
+    declared = response.headers.get("Content-Length", "")
+    return int(declared) if _DIGITS.fullmatch(declared) else None
 
 
 def _remaining(deadline: float) -> float:

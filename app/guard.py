@@ -110,7 +110,10 @@ class AddressPolicy:
         if in_networks(ip, self.allow_networks):
             return
         if not is_public(ip):
-            raise SourceNotAllowed(f"{host} resolves to {ip}, which is not a public address")
+            # The address a name resolved to stays in the detail (logged, never sent), so
+            # the answer maps no internal DNS.
+            raise SourceNotAllowed("the source host's address is not a public address",
+                                   detail=f"{host} resolves to {ip}")
         if port not in self.allowed_ports:
             allowed = ", ".join(str(p) for p in self.allowed_ports)
             raise SourceNotAllowed(f"port {port} is not allowed for public addresses (allowed: {allowed})")
@@ -187,8 +190,8 @@ def parse_source_url(text: str, *, param: str = "url") -> SourceURL:
     try:
         parts: SplitResult = urlsplit(text)
         port = parts.port
-    except ValueError as exc:
-        raise BadParameter(f"{param}: not a valid URL ({exc})") from None
+    except ValueError:
+        raise BadParameter(f"{param}: not a valid URL (its port or [IPv6] brackets do not parse)") from None
     scheme = parts.scheme.lower()
     if not scheme or not parts.netloc:
         raise BadParameter(f"{param}: must be an absolute http or https URL")
@@ -202,9 +205,55 @@ def parse_source_url(text: str, *, param: str = "url") -> SourceURL:
         port = 443 if scheme == "https" else 80
     if port == 0:
         raise BadParameter(f"{param}: port 0 is not valid")
-    path = parts.path or "/"
-    query = f"?{parts.query}" if parts.query else ""
-    return SourceURL(scheme, host, port, path + query)
+    path = remove_dot_segments(normalize_escapes(parts.path or "/", PATH_SAFE))
+    query = normalize_escapes(parts.query, QUERY_SAFE)
+    return SourceURL(scheme, host, port, path + (f"?{query}" if query else ""))
+
+
+# RFC 3986 section 2: what may stand unencoded in a path and in a query. They are urllib3's
+# PATH_CHARS / QUERY_CHARS, so requests sends a normalized URL byte for byte as it is.
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+PATH_SAFE = UNRESERVED | frozenset("!$&'()*+,;=:@/")
+QUERY_SAFE = PATH_SAFE | {"?"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_escapes(text: str, safe: frozenset[str]) -> str:
+    """RFC 3986 section 6.2.2.2: an escaped unreserved character is decoded (%7E -> ~, %41 -> A),
+    other escapes are upper-cased (%2f -> %2F, kept: decoding it would change the path);
+    a character that may not stand here (non-ASCII as UTF-8, ", <, >, ^, `, {, |, }, [, ])
+    is escaped, and so is a % that starts no escape (%zz -> %25zz)."""
+    data = text.encode("utf-8")
+    out: list[str] = []
+    index = 0
+    while index < len(data):
+        byte = data[index]
+        escape = data[index + 1 : index + 3].decode("latin-1")
+        if byte == 0x25 and len(escape) == 2 and set(escape) <= _HEX:
+            char = chr(int(escape, 16))
+            out.append(char if char in UNRESERVED else "%" + escape.upper())
+            index += 3
+            continue
+        char = chr(byte)
+        out.append(char if byte < 0x80 and char in safe else f"%{byte:02X}")
+        index += 1
+    return "".join(out)
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4 for an absolute path: /a/./b/../c -> /a/c, /../a -> /a. Clients
+    (requests included) fetch the path this way, so the cache key must name it this way too."""
+    output: list[str] = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment != ".":
+            output.append(segment)
+    # A path ending in a dot segment names a directory: it keeps its trailing slash.
+    if path.rsplit("/", 1)[-1] in (".", ".."):
+        output.append("")
+    return "/" + "/".join(output)
 
 
 def _normalize_host(hostname: str, netloc: str, param: str) -> str:

@@ -163,6 +163,24 @@ def _token(text: str) -> str:
     return text
 
 
+#: A shorter secret could be guessed offline from one signed URL; 32 characters of a random
+#: token are well past that, and HMAC-SHA256 gains nothing from a key over 64 bytes.
+MIN_SIGNING_KEY_LENGTH = 32
+
+
+def parse_signing_keys(text: str) -> tuple[str, ...]:
+    """Comma-separated keys, each at least MIN_SIGNING_KEY_LENGTH characters; empty = signing
+    off. Shared with app/signing.py's helper. The error never contains a key."""
+    keys = tuple(_items(text))
+    for position, key in enumerate(keys, start=1):
+        if len(key) < MIN_SIGNING_KEY_LENGTH:
+            raise ValueError(
+                f"key {position} of {len(keys)} has {len(key)} characters; each key needs at least "
+                f"{MIN_SIGNING_KEY_LENGTH} (e.g. from `openssl rand -base64 33`)"
+            )
+    return keys
+
+
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -187,6 +205,8 @@ class Spec:
     parse: Callable[[str], Any]
     default: str
     help: str
+    #: Its value is never printed, not even in the start-up error that names it.
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -200,7 +220,7 @@ def setting(parse: Callable[[str], Any], default: str, help: str, *, secret: boo
     """One setting, declared once: its parser, its default as the environment would spell
     it (parsed here, so the two cannot disagree) and its meaning (docs/configuration.md)."""
     return field(default=parse(default), repr=not secret,
-                 metadata={"parse": parse, "default": default, "help": help})
+                 metadata={"parse": parse, "default": default, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -241,6 +261,7 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = setting(_networks, "127.0.0.1/32,::1/128", "Comma-separated CIDRs of proxies (nginx) whose X-Forwarded-For names the client in the access log; other peers are logged as they are.")
     metrics_bind: str = setting(_optional_bind, "", "Second listener (HOST:PORT) for /metrics and /healthz only; when set, /metrics is a 404 on BIND. When empty, /metrics answers loopback peers only.")
     admin_token: str = setting(_admin_token, "", "Bearer token for POST /admin/warm and /admin/purge (at least 16 characters); empty makes /admin/* a 404.", secret=True)
+    signing_keys: tuple[str, ...] = setting(parse_signing_keys, "", "Comma-separated keys (each at least 32 characters) for signed URLs: when set, /image needs a valid s (any key verifies, the first signs) and the front page is off; empty = no signing (docs/security.md).", secret=True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -253,7 +274,8 @@ class Settings:
             try:
                 values[spec.attr] = spec.parse(raw)
             except ValueError as exc:
-                problems.append(f"{spec.env}={raw!r}: {exc}")
+                shown = "<hidden>" if spec.secret else repr(raw)
+                problems.append(f"{spec.env}={shown}: {exc}")
         threads, max_queue = values.get("threads", cls.threads), values.get("max_queue")
         if not problems and max_queue is not None and max_queue >= threads:
             problems.append(
@@ -300,7 +322,8 @@ class Settings:
 
 
 SETTINGS: tuple[Spec, ...] = tuple(
-    Spec(f.name, f.metadata["parse"], f.metadata["default"], f.metadata["help"]) for f in dataclasses.fields(Settings)
+    Spec(f.name, f.metadata["parse"], f.metadata["default"], f.metadata["help"], f.metadata["secret"])
+    for f in dataclasses.fields(Settings)
 )
 
 

@@ -12,6 +12,7 @@ every variant, the kept source and the freshness record of one source URL.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +28,7 @@ from app.image.views import self_origins
 from app.responses import error_response
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger("image_proxy.admin")
 
 #: One warm call renders at most this many variants: it holds a request thread throughout.
 MAX_VARIANTS = 64
@@ -108,10 +110,12 @@ def purge() -> Response | tuple[Response, int]:
     data = _body()
     if not isinstance(data.get("url"), str):
         raise BadParameter("url: missing (give an absolute http or https URL)")
+    # The same normalization /image keys by (dot segments, escapes): any spelling purges.
     url = parse_source_url(data["url"])
     try:
         purged = services.cache.purge(source_digest(url))
     except CacheUnavailable as exc:
-        return error_response(503, f"redis unavailable: {exc}", retry_after=5), 503
+        log.warning("purge: %s", exc)
+        return error_response(503, "redis unavailable", retry_after=5), 503
     metrics.PURGED.inc(purged)
     return jsonify(purged=purged)

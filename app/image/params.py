@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from app import signing
 from app.cache import CacheKey
-from app.errors import BadParameter
+from app.errors import BadParameter, BadSignature
 from app.guard import SourceURL, URLPolicy, parse_source_url
 from app.settings import Settings
 
@@ -86,6 +87,26 @@ def parse_request(
     if requested not in CONTENT_TYPES:
         raise BadParameter(f"format: {requested!r} is not one of webp, avif, auto")
     return ImageRequest(url, width, quality, requested)  # type: ignore[arg-type]
+
+
+def check_signature(args: Mapping[str, Sequence[str]], keys: Sequence[str]) -> None:
+    """With signing on (keys given), raise unless `s` signs url, w, q and format under one of
+    keys (app/signing.py has the rule): s missing or wrong is BadSignature (403), s or a
+    signed parameter given twice a BadParameter (400). Runs before anything else reads the
+    request, so an unsigned URL reaches neither the cache nor the upstream."""
+    given = args.get(signing.SIGNATURE_PARAM) or []
+    if len(given) > 1:
+        raise BadParameter(f"{signing.SIGNATURE_PARAM}: given {len(given)} times; give it once")
+    signed: dict[str, str | None] = {}
+    for name in signing.SIGNED_PARAMS:
+        values = args.get(name) or [None]
+        if len(values) > 1:
+            raise BadParameter(f"{name}: given {len(values)} times; give it once")
+        signed[name] = values[0]
+    if not given:
+        raise BadSignature("s: missing; this service answers signed URLs only")
+    if not signing.verify(given[0], signed, keys):
+        raise BadSignature("s: the signature does not match these parameters")
 
 
 def negotiate_format(accept: str) -> OutputFormat:

@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request
 from app.errors import LoopDetected
 from app.guard import URLPolicy
 from app.image.miss import Served
-from app.image.params import ImageRequest, parse_request
+from app.image.params import ImageRequest, check_signature, parse_request
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
 from app.settings import Settings
 
@@ -38,12 +38,17 @@ def image() -> Response:
 
 
 def read_request(req: Request, settings: Settings) -> tuple[ImageRequest, URLPolicy]:
-    """The ImageRequest and the URL policy for one /image request, or a ProxyError (400)."""
+    """The ImageRequest and the URL policy for one /image request, or a ProxyError (400, or
+    403 for a missing or wrong signature). Both the Flask view and the fresh-hit path call
+    this before they look at the cache, so neither serves an unsigned URL."""
+    args = req.args.to_dict(flat=False)
+    if settings.signing_keys:
+        check_signature(args, settings.signing_keys)
     # WSGI joins repeated Via headers into one value, so one environ lookup sees them all.
     if settings.via_token.lower() in req.environ.get("HTTP_VIA", "").lower():
         raise LoopDetected("this request already passed through this service (Via header); refusing a loop")
     url_policy = URLPolicy(allowed_hosts=settings.allowed_hosts, self_origins=self_origins(settings.bind, req.host))
-    image_request = parse_request(req.args.to_dict(flat=False), req.headers.get("Accept", ""), settings, url_policy)
+    image_request = parse_request(args, req.headers.get("Accept", ""), settings, url_policy)
     return image_request, url_policy
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from PIL import Image, ImageSequence
 
 from app.errors import BadSource, SourceTooLarge
 from app.render.canvas import Canvas, Frame, RenderOptions
+
+log = logging.getLogger("image_proxy.render")
 
 #: JPEG draft decodes at 1/2, 1/4 or 1/8 scale: the smallest scale whose image is still at
 #: least `margin` times the target, and the resize gets draft's box. The margin depends on the
@@ -70,7 +73,8 @@ def _frames(canvas: Canvas, image: Image.Image, max_pixels: int) -> Iterator[Fra
     except (BadSource, MemoryError):
         raise  # render() words a MemoryError as "needs more memory", not as corrupt data
     except Exception as exc:  # truncated, corrupt, or a decoder refusing the data
-        raise BadSource(f"the {canvas.source_format.upper()} data is corrupt or truncated: {_short(exc)}") from None
+        log.info("%s data is corrupt or truncated: %r", canvas.source_format, _short(exc))
+        raise BadSource(f"the {canvas.source_format.upper()} data is corrupt or truncated") from None
 
 
 def _short(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import pillow_avif  # noqa: F401  (registers the AVIF plugin with its aom/rav1e/
 
 from app.errors import BadSource
 from app.render.canvas import Canvas, Frame, RenderOptions
+
+log = logging.getLogger("image_proxy.render")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
     try:
         first.save(buffer, **arguments)
     except (OSError, ValueError) as exc:
-        raise BadSource(f"cannot encode this image as {options.format.upper()}: {exc}") from None
+        log.info("cannot encode as %s: %r", options.format, str(exc)[:200])
+        raise BadSource(f"cannot encode this image as {options.format.upper()}") from None
     canvas.has_alpha = first.mode == "RGBA"
     body = buffer.getvalue()
     if options.format == "webp" and canvas.animated and canvas.has_alpha:

@@ -3,10 +3,13 @@ memory estimate (app/render/estimate.py), so both refuse the same bytes the same
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from app.errors import BadSource, OutOfMemory, ProxyError
+
+log = logging.getLogger("image_proxy.render")
 
 
 @contextmanager
@@ -24,8 +27,8 @@ def as_proxy_errors() -> Iterator[None]:
         # Frames are decoded lazily, so a decoder error can surface in any later step.
         # Pillow raises many exception types for bad data; all of them mean the same here.
         if _from_pillow(exc):
-            reason = (str(exc) or type(exc).__name__)[:160]
-            raise BadSource(f"the image data is corrupt or unsupported: {reason}") from None
+            log.info("the image data is corrupt or unsupported: %r", (str(exc) or type(exc).__name__)[:160])
+            raise BadSource("the image data is corrupt or unsupported") from None
         raise
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
 
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadSource
 from app.render.canvas import Canvas, RenderOptions
 from app.render.gif_canvas import gif_canvas_size
+
+log = logging.getLogger("image_proxy.render")
 
 # Pillow's own bomb check would stop at its fixed limit with a warning or its own error;
 # check_pixels applies MAX_SOURCE_PIXELS from the header instead, before any decoding.
@@ -40,7 +43,9 @@ def open_source(canvas: Canvas, options: RenderOptions) -> None:
         # Pillow's own message names a BytesIO object's address: useless to a client.
         raise BadSource(f"not a valid {canvas.source_format.upper()} file (its header does not parse)") from None
     except Exception as exc:  # any failure to parse upstream bytes is the upstream's fault
-        raise BadSource(f"cannot read the {canvas.source_format.upper()} header: {_short(exc)}") from None
+        # Pillow's text can quote the file's own bytes: the client gets the kind, the log the rest.
+        log.info("cannot read the %s header: %r", canvas.source_format, _short(exc))
+        raise BadSource(f"cannot read the {canvas.source_format.upper()} header (corrupt or unsupported)") from None
     if canvas.source_format not in ANIMATED_FORMATS:
         # A multi-page TIFF is a document, not an animation (pages may differ in size): page 1 only.
         frame_count = 1
