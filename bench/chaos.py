@@ -253,11 +253,11 @@ def holder_killed(env: Env, redis_server: EmbeddedRedis) -> list[Row]:
     """The worker holding a key's 8 s upstream fetch is SIGKILLed; the next requests for that
     key, on another instance, must answer 200 within LOCK_EXPIRE + the fetch + 5 s. Both
     instances run the default lock expiry (read from their settings, not set)."""
-    from bench.miss_model import settings_of
+    from bench.miss_model import lock_expiry, settings_of
 
     holder = env.gunicorn(redis_url=redis_server.url)
     waiter = env.gunicorn(redis_url=redis_server.url)
-    expiry = settings_of(waiter).lock_seconds
+    expiry = lock_expiry(settings_of(waiter))
     limit = expiry + HOLDER_FETCH_S + 5
     path = f"slow-first/{HOLDER_FETCH_S}/photos/lunch_3264x1836.jpg"
     threading.Thread(target=timed_get, args=(env.url(holder, path, w=640),), daemon=True).start()
@@ -278,8 +278,8 @@ def holder_killed(env: Env, redis_server: EmbeddedRedis) -> list[Row]:
                 f"fetch {HOLDER_FETCH_S} s, default LOCK_EXPIRE", len(results),
                 sum(1 for s, t, _ in results if s != 200 or t > limit), [t for _, t, _ in results],
                 recovery=f"all answered {finished:.1f} s after the kill",
-                notes=f"LOCK_EXPIRE {expiry} s (default); statuses {dict(Counter(s for s, _, _ in results))}, "
-                f"slowest {slowest:.1f} s (target: 200 within {expiry} + {HOLDER_FETCH_S} + 5 = {limit} s); "
+                notes=f"LOCK_EXPIRE {expiry:g} s (default); statuses {dict(Counter(s for s, _, _ in results))}, "
+                f"slowest {slowest:.1f} s (target: 200 within {expiry:g} + {HOLDER_FETCH_S} + 5 = {limit:g} s); "
                 f"upstream fetches: {env.upstream.hits['/' + path]}")]
 
 

@@ -54,6 +54,12 @@ def settings_of(server: Gunicorn) -> Settings:
     return Settings.from_env(server.env)
 
 
+def lock_expiry(settings: Settings) -> float:
+    """The render-lock expiry an instance runs with (LOCK_EXPIRE, or its derived default)."""
+    derived = getattr(settings, "lock_seconds", None)
+    return float(derived if derived is not None else settings.lock_expire)
+
+
 def noisy_jpeg(size: tuple[int, int], seed: int, quality: int = 80) -> bytes:
     buffer = io.BytesIO()
     _noise(size, seed).save(buffer, "JPEG", quality=quality)
