@@ -2,8 +2,11 @@
 
 Every scenario starts its own gunicorn (the project's gunicorn.conf.py, default settings
 unless the row says otherwise), its own loopback upstream and, where it needs one, its own
-redis-server, and stops each by PID. Every load loop is bounded in count and time; the
-whole run stays under 10 minutes on 2 cores. Only 127.0.0.1 is ever contacted.
+redis-server, and stops each by PID. Every load loop is bounded in count and time. The
+whole run took 17 minutes on 2 shared cores (2026-12-06), dedup's 4 x 200 rounds 10 of
+them; `--dedup-rounds` shortens it. Only 127.0.0.1 is ever contacted.
+
+Issue #20's rows: gallery, holder, stall, admission, kept (bench/miss_model.py), hostile, dedup.
 
     python -m bench.chaos [--only NAME,...] [--markdown]
 """

@@ -11,6 +11,7 @@ Each row starts its own gunicorn and talks to it over HTTP on 127.0.0.1 only, so
 the same against any version of the app. Every loop is bounded in count and time.
 
     python -m bench.chaos --only gallery,admission,kept
+    (all of the issue's rows: --only gallery,holder,stall,admission,kept,hostile,dedup)
 """
 
 from __future__ import annotations
