@@ -7,6 +7,7 @@ they started, found by parent PID (never by name).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -50,3 +51,28 @@ def is_redis(pid: int) -> bool:
 def redis_socket(pid: int) -> str:
     # redis-server rewrites its command line; its --dir (the private directory) is its cwd.
     return os.path.join(os.readlink(f"/proc/{pid}/cwd"), "redis.sock")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by `pids` together (those still alive)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pids: list[int], quiet: float = 0.5, limit: float = 60.0) -> float:
+    """Wait (at most `limit` s) until `pids` together use under 5 % of a core for `quiet`
+    seconds, e.g. until a render left running after its request answered is over; returns
+    the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = cpu_seconds(pids)
+        time.sleep(quiet)
+        if cpu_seconds(pids) - before < 0.05 * quiet:
+            break
+    return time.monotonic() - started

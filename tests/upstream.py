@@ -12,7 +12,8 @@ Routes (every path may start with /v/<nonce>/ to make a fresh URL for the same f
   /echo                          the request headers as JSON
   /gzip/<path>                   /<path> gzip-compressed with Content-Encoding: gzip (unasked)
   /page/<name>                   an HTML page a test put in `Upstream.pages`
-  /blob/<name>                   bytes a test put in `Upstream.blobs`, as application/octet-stream
+  /blob/<name>                   bytes a test or benchmark put in `Upstream.blobs` (generated
+                                 images, junk bodies), sent as image/jpeg
   /slow-image/<delay>/<path>     waits <delay> seconds, then serves /<path>
   /slow-first/<delay>/<path>     like slow-image for the first request of that path only
   /set-cookies?flood=N&size=S&then=<path>
@@ -93,6 +94,7 @@ class Upstream:
             self.conditional.clear()
             self.not_modified.clear()
             self.bodies.clear()
+            self.blobs.clear()
 
     def count(self, counter: Counter[str], path: str) -> None:
         with self._lock:
@@ -219,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
             blob = up.blobs.get(match.group(1))
             if blob is None:
                 return self._send(404, b"no such blob", "text/plain")
-            return self._send(200, blob, "application/octet-stream")
+            return self._send(200, blob)
         if match := re.fullmatch(r"/gzip/(photos|edge)/([A-Za-z0-9_.-]+)", path):
             import gzip
 
