@@ -203,7 +203,7 @@ def kept_sources(env: Env) -> list[Row]:
                 f"{KEPT_SMALL} again", len(again), bad, [t for _, t, _ in again],
                 notes=f"HIT {hits}/{len(again)} = {fraction:.0%} (target >= {HIT_TARGET:.0%}); "
                 f"evicted_keys {end['evicted']:.0f} (after the {KEPT_SMALL}: {mid['evicted']:.0f}); "
-                f"kept-source keys ip:*:src {mid['src']:.0f} -> {end['src']:.0f}, "
+                f"kept-source keys ip:{*}:src {mid['src']:.0f} -> {end['src']:.0f}, "
                 f"variant keys ip:*:v:* {mid['v']:.0f} -> {end['v']:.0f}; "
                 f"used_memory {mid['used_mb']:.0f} -> {end['used_mb']:.0f} MB; "
                 f"first pass {dict(Counter(s for s, _, _ in first))}, "
@@ -217,6 +217,6 @@ def _redis_view(client: redis.Redis) -> dict[str, float]:
     return {
         "evicted": float(info.get("evicted_keys", 0)),
         "used_mb": float(info.get("used_memory", 0)) / 2**20,
-        "src": float(sum(1 for _ in client.scan_iter(match="ip:*:src", count=1000))),
+        "src": float(sum(1 for _ in client.scan_iter(match="ip:{*}:src", count=1000))),
         "v": float(sum(1 for _ in client.scan_iter(match="ip:*:v:*", count=1000))),
     }
