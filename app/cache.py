@@ -276,8 +276,9 @@ class Outcome:
 # ARGV: lock id, action, value, ttl ms, is_error, handoff ms, sha1 of a stale entry.
 # "store" writes the entry unless an image is already there and this result is an error, or
 # this caller no longer holds the lock and an entry exists (a newer holder wrote it). The
-# one exception: the holder judged exactly that image stale (its sha1 is ARGV[7]) and the
-# upstream's answer (404, a changed source that fails to render) must replace it. Then the
+# one exception to both: the entry there is exactly the one the holder judged stale (its
+# sha1 is ARGV[7]): the upstream's answer (a new render, a 404, a changed source that fails
+# to render) must replace it. Then the
 # lock is dropped if still ours and one wake-up signal is pushed.
 _FINISH = b"""
 local action = ARGV[2]
@@ -289,7 +290,7 @@ if action == 'store' then
         if ARGV[5] == '1' and string.sub(current, 5, 5) == 'I' and redis.sha1hex(current) ~= ARGV[7] then
             keep = true
         end
-        if not held then keep = true end
+        if not held and redis.sha1hex(current) ~= ARGV[7] then keep = true end
     end
     if not keep then redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
 elseif action == 'share' then
@@ -305,7 +306,8 @@ return held and 1 or 0
 """
 
 # KEYS: kept index, kept sizes. ARGV: now ms, entry key, size, expiry ms, cap bytes, index ttl ms.
-# Drops expired members, adds this one, then drops the oldest until the total fits the cap;
+# Drops expired members, adds this one, then drops the oldest others until the total fits the
+# cap (never the one just added: the caller keeps only bodies within the cap);
 # returns the dropped entry keys still to delete (the caller deletes them: in a Cluster they
 # live in other slots).
 _BOUND_KEPT = b"""
@@ -323,9 +325,11 @@ redis.call('zadd', KEYS[1], ARGV[4], ARGV[2])
 redis.call('hset', KEYS[2], ARGV[2], ARGV[3])
 total = total + tonumber(ARGV[3])
 while total > tonumber(ARGV[5]) do
-    local oldest = redis.call('zrange', KEYS[1], 0, 0)
-    if #oldest == 0 then break end
-    drop(oldest[1], true)
+    local oldest = redis.call('zrange', KEYS[1], 0, 1)
+    local victim = oldest[1]
+    if victim == ARGV[2] then victim = oldest[2] end
+    if not victim then break end
+    drop(victim, true)
 end
 if total < 0 then total = 0 end
 redis.call('hset', KEYS[2], '_total', total)
@@ -355,9 +359,9 @@ class RenderLock(redis_lock.Lock):
     """python-redis-lock's Lock whose renewal survives a Redis hiccup.
 
     The stock renewal thread dies on its first Redis error, so one slow answer could let a
-    long render's lock lapse silently. This one retries every quarter interval (at most 1 s)
-    until the lock's expiry would pass. A lock that lapsed anyway is harmless: `_FINISH` then
-    stores nothing over a newer holder's entry.
+    long render's lock lapse silently. This one renews every third of the expiry and retries
+    every quarter interval (at most 1 s) until the lock's expiry would pass. A lock that
+    lapsed anyway is harmless: `_FINISH` then stores nothing over a newer holder's entry.
     """
 
     @staticmethod
@@ -377,6 +381,13 @@ class RenderLock(redis_lock.Lock):
                 log.info("render lock %s: renewal failed (%s); retrying", name, exc)
                 wait = min(1.0, interval / 4)
             del lock
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._lock_renewal_interval is not None:
+            # Every third of the expiry (the stock 2/3 leaves room for one failed renewal):
+            # a Redis stall shorter than about 2/3 of LOCK_EXPIRE never costs the lock.
+            self._lock_renewal_interval = float(self._expire) / 3
 
     def stop_renewal(self) -> None:
         self._stop_lock_renewer()
@@ -452,7 +463,7 @@ class Cache:
         self.kept_cap = kept_cap  # SOURCE_CACHE_BYTES
         self.cluster = cluster
         self.health = health or RedisHealth()
-        self._finish = wait_client.register_script(_FINISH)
+        self._finish = client.register_script(_FINISH)
         self._bound_kept = client.register_script(_BOUND_KEPT)
 
     @contextmanager
@@ -557,7 +568,9 @@ class Cache:
         Raises `LockWaitTimeout` when `deadline` (time.monotonic) passes while waiting, and
         CacheUnavailable when Redis fails.
         """
-        lock = RenderLock(self.wait_client, key.lock, expire=self.lock_expire, auto_renewal=True,
+        # The lock's commands (and its renewal) use the short-timeout client: only the
+        # waiters' blocking pop needs the long one.
+        lock = RenderLock(self.client, key.lock, expire=self.lock_expire, auto_renewal=True,
                           strict=not self.cluster)
         with self._redis("lock"):
             found = self._claim(lock, key, deadline, stale)
@@ -570,6 +583,8 @@ class Cache:
     def _claim(self, lock: RenderLock, key: CacheKey, deadline: float, stale: bytes | None) -> Claim:
         if lock.acquire(blocking=False):
             return self._as_holder(lock, key, stale)
+        # Redis answered: if this claim was the probe, the others need not wait for its wait.
+        self.health.answered()
         woken = False
         while True:
             # The answer first, the lock after: a woken waiter of this moment reads what its
@@ -577,7 +592,7 @@ class Cache:
             found = self._answer(key, stale)
             if found is not None:
                 if woken:  # pass the one signal on to the next waiter
-                    pipe = self.wait_client.pipeline(transaction=False)
+                    pipe = self.client.pipeline(transaction=False)
                     pipe.rpush(key.wake, "1")
                     pipe.pexpire(key.wake, HANDOFF_MS)
                     pipe.execute()
@@ -591,7 +606,7 @@ class Cache:
             woken = bool(self.wait_client.blpop([key.wake], timeout=max(0.01, min(WAIT_STEP_S, remaining))))
 
     def _answer(self, key: CacheKey, stale: bytes | None) -> Claim | None:
-        raw_entry, raw_handoff, passed = self.wait_client.mget([key.entry, key.handoff, key.passed])
+        raw_entry, raw_handoff, passed = self.client.mget([key.entry, key.handoff, key.passed])
         entry = CacheEntry.from_bytes(raw_entry) if raw_entry and raw_entry != stale else None
         if entry is not None:
             return Claim(entry=entry)
@@ -606,14 +621,14 @@ class Cache:
         # Re-read after every acquire: the previous holder may have stored the entry between
         # this request's miss and its acquire.
         try:
-            raw = self.wait_client.get(key.entry)
+            raw = self.client.get(key.entry)
             entry = CacheEntry.from_bytes(raw) if raw and raw != stale else None
             if entry is not None:
                 self._run_finish(key, lock, Outcome(RELEASE))
                 return Claim(entry=entry)
             # A new moment: the previous holder's handoff, pass marker and signal are not for
             # this moment's waiters.
-            self.wait_client.delete(key.handoff, key.passed, key.wake)
+            self.client.delete(key.handoff, key.passed, key.wake)
         except BaseException:
             with contextlib.suppress(*REDIS_ERRORS, redis_lock.NotAcquired):
                 lock.release()  # never leave a lock (and its renewer) behind
@@ -626,8 +641,11 @@ class Cache:
         lock, claim.lock = claim.lock, None
         if lock is None:
             return False
+        lock.stop_renewal()  # whatever happens next, this holder is done with the key
         try:
-            with self._redis("finish"):
+            # Always tried, even while Redis is being skipped: a result thrown away, or a lock
+            # left to expire, would cost every waiter its wait and a second render.
+            with self._redis("finish", probe=True):
                 self._run_finish(key, lock, outcome)
                 if isinstance(key, SourceKey) and outcome.action == STORE and outcome.entry is not None:
                     self._bound_kept_sources(key, len(outcome.entry.body), outcome.ttl_ms)
@@ -644,5 +662,5 @@ class Cache:
             keys=[key.entry, "lock:" + key.lock, key.wake, key.handoff, key.passed],
             args=[lock.id, outcome.action, value, max(1, outcome.ttl_ms), "0" if entry is None or entry.ok else "1",
                   HANDOFF_MS, stale_sha],
-            client=self.wait_client,
+            client=self.client,
         )

@@ -203,7 +203,7 @@ def kept_sources(env: Env) -> list[Row]:
                 f"{KEPT_SMALL} again", len(again), bad, [t for _, t, _ in again],
                 notes=f"HIT {hits}/{len(again)} = {fraction:.0%} (target >= {HIT_TARGET:.0%}); "
                 f"evicted_keys {end['evicted']:.0f} (after the {KEPT_SMALL}: {mid['evicted']:.0f}); "
-                f"kept-source keys ip:{*}:src {mid['src']:.0f} -> {end['src']:.0f}, "
+                f"kept-source keys ip:{{*}}:src {mid['src']:.0f} -> {end['src']:.0f}, "
                 f"variant keys ip:*:v:* {mid['v']:.0f} -> {end['v']:.0f}; "
                 f"used_memory {mid['used_mb']:.0f} -> {end['used_mb']:.0f} MB; "
                 f"first pass {dict(Counter(s for s, _, _ in first))}, "

@@ -103,6 +103,8 @@ class ImageService:
                     self.cache.finish(miss.key, claim, outcome)
                 return served.answer()
         except LockWaitTimeout:
+            if miss.fallback is not None:
+                return self._stale(miss, "another request is still revalidating it")
             raise Busy("another request for this image is still rendering; retry shortly", retry_after=2) from None
         except CacheUnavailable:
             return self._produce(miss, cached=False).answer()
@@ -126,7 +128,9 @@ class ImageService:
                 # state, not the image's fault, so a 503 that is never stored.
                 raise OutOfMemory("not enough memory for this image right now; retry shortly", retry_after=5) from None
         except ProxyError as exc:
-            if miss.fallback is not None and exc.kind in UPSTREAM_DOWN:
+            # The stale entry beats an answer that says nothing about the image: the upstream
+            # is down, or this request's own budget or memory ran out.
+            if miss.fallback is not None and (exc.kind in UPSTREAM_DOWN or not exc.cacheable):
                 return self._stale(miss, f"revalidation failed: {exc.message}")
             return Served(CacheEntry.from_error(exc), status, timings=miss.timings, error=exc)
         return Served(entry, status, timings=miss.timings)

@@ -172,14 +172,16 @@ class SourceProvider:
 
     def _keep(self, result: Current, kept: CacheEntry | None) -> Outcome:
         """How the source claim ends: the body kept (only an image that sniffs as a supported
-        format, within SOURCE_MAX_BYTES), or the waiters told to read the record. A body that
+        format, within SOURCE_MAX_BYTES and SOURCE_CACHE_BYTES), or the waiters told to read the
+        record. A body that
         is not an image is the waiters' failure too (raised: BadSource)."""
         body = result.fetched.body if result.fetched is not None and result.fetched.body else None
         if body is not None:
             supported_format(body, self.settings.input_formats)
         elif kept is not None and kept.meta.get("source_digest") == result.record.digest:
             body = kept.body  # a 304 renewed the kept source too
-        if body is None or not self.lifetimes.source_ttl or len(body) > self.settings.source_max_bytes:
+        too_large = len(body) > min(self.settings.source_max_bytes, self.settings.source_cache_limit) if body else False
+        if body is None or not self.lifetimes.source_ttl or too_large:
             return Outcome(SHARE, _RENEWED)
         entry = CacheEntry(status=200, body=body, content_type="application/octet-stream",
                            meta={"source_digest": result.record.digest, "fresh_until": result.record.fresh_until})

@@ -282,3 +282,35 @@ def test_kept_sources_past_their_cap_drop_the_oldest(redis_server, redis_client)
     # 100 bytes each under a 250-byte cap: only the two newest stay.
     assert [bool(redis_client.exists(skey.entry)) for skey in kept] == [False, False, False, True, True]
     assert int(redis_client.hget("ip:{kept}:sizes", "_total")) == 200
+
+
+def test_a_holder_finishes_even_while_redis_is_being_skipped(cache, redis_client):
+    with cache.claim(key(), deadline()) as claim:
+        assert claim.holder
+        # Another call of this worker timed out a moment ago: calls are being skipped.
+        cache.health.failed("get", TimeoutError("a slow answer"))
+        assert cache.finish(key(), claim, stored(IMAGE))
+    assert redis_client.get(key().entry) is not None, "the result is stored, not thrown away"
+    assert not redis_client.exists("lock:" + key().lock), "and the lock is not left to expire"
+
+
+def test_a_holder_whose_lock_lapsed_still_replaces_the_entry_it_judged_stale(cache, redis_client):
+    redis_client.set(key().entry, IMAGE.to_bytes())
+    stale = redis_client.get(key().entry)
+    with cache.claim(key(), deadline(), stale=stale) as claim:
+        assert claim.holder
+        redis_client.delete("lock:" + key().lock)  # renewal failed during a stall
+        cache.finish(key(), claim, Outcome(STORE, OTHER_IMAGE, 60_000, replaces=stale))
+    assert cache.get(key()) == OTHER_IMAGE
+
+
+def test_a_body_larger_than_the_kept_source_cap_is_not_kept(settings, upstream, redis_client):
+    from urllib.parse import quote
+
+    from app.factory import create_app
+
+    app = create_app(settings.replace(source_cache_bytes=1000))
+    path = f"/image?url={quote(upstream.url('photos/portrait_1200x1800.jpg'), safe='')}&w=40"
+    assert app.test_client().get(path).status_code == 200
+    assert redis_client.keys("ip:{*}:src") == []
+    assert int(redis_client.hget("ip:{kept}:sizes", "_total") or 0) == 0
