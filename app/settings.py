@@ -241,7 +241,7 @@ class Settings:
     max_cache_entry_bytes: int = setting(_int(1), str(16 * MIB), "Outputs larger than this are served but not cached.")
     upstream_timeout: float = setting(_seconds(0.1, 300), "20", "One deadline for connect, headers and the whole upstream body (never past the request budget).")
     request_budget: float = setting(_seconds(1, 600), "30", "The one budget of a request: fetch, lock wait, render-slot wait and render finish within it or answer 503/504. gunicorn's graceful_timeout is derived from it.")
-    lock_expire: int | None = setting(_derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every 2/3 of it while held): a dead holder's key is free this long after it died. Empty = 10, or REQUEST_BUDGET / 3 when that is shorter (at least 2).")
+    lock_expire: int | None = setting(_derived_or(_int(2, 3600)), "", "Seconds a render lock lives unless renewed (renewed every third of it while held): a dead holder's key is free this long after it died. Empty = 10, or REQUEST_BUDGET / 3 when that is shorter (at least 2).")
     render_slots: int = setting(_int(1, 64), "2", "Renders that run at once per worker; more wait for a slot, within the request budget.")
     max_queue: int | None = setting(_derived_or(_int(1, 255)), "", "Misses fetching or rendering at once per worker (dedup waiters do not count); empty = THREADS - THREADS/8, keeping an eighth of the threads for hits. Must be below THREADS.")
     memory_budget: int = setting(_size, "", "Bytes (K/M/G suffixes) the whole service may use, renders and fetched bodies included; empty: 80 % of the cgroup limit or RAM.")
