@@ -96,9 +96,10 @@ _MAGIC = b"IPML"
 _VERSION = 2
 # magic, version, rows, budget bytes, baseline bytes, patience (ns)
 _HEADER = struct.Struct("<4sIqqqq")
-# pid, start time, token, bytes held, bytes wanted, waiting since (monotonic ns; 0: not waiting)
-_ROW = struct.Struct("<qqqqqq")
-_COLUMNS = 6
+# pid, start time, token, bytes held, bytes wanted, waiting since (monotonic ns; 0: not
+# waiting), admitted at (monotonic ns; 0: not yet)
+_ROW = struct.Struct("<qqqqqqq")
+_COLUMNS = 7
 
 
 def ledger_rows(workers: int, threads: int) -> int:
@@ -193,6 +194,7 @@ class _Row(NamedTuple):
     held: int
     want: int  # bytes waited for (0: not waiting for bytes)
     since: int  # monotonic ns the wait began (0: not waiting)
+    admitted: int = 0  # monotonic ns the request got in (0: not yet)
 
 
 class _Ledger:
@@ -219,11 +221,12 @@ class _Ledger:
     def owns(self, index: int, token: int) -> bool:
         return _ROW.unpack_from(self.map, _HEADER.size + index * _ROW.size)[:3] == (self.pid, self.start, token)
 
-    def write(self, index: int, token: int, held: int, want: int = 0, since: int = 0) -> None:
-        _ROW.pack_into(self.map, _HEADER.size + index * _ROW.size, self.pid, self.start, token, held, want, since)
+    def write(self, row: _Row) -> None:
+        offset = _HEADER.size + row.index * _ROW.size
+        _ROW.pack_into(self.map, offset, self.pid, self.start, row.token, row.held, row.want, row.since, row.admitted)
 
     def clear(self, index: int) -> None:
-        _ROW.pack_into(self.map, _HEADER.size + index * _ROW.size, 0, 0, 0, 0, 0, 0)
+        _ROW.pack_into(self.map, _HEADER.size + index * _ROW.size, 0, 0, 0, 0, 0, 0, 0)
 
     def _alive(self, pid: int, start: int) -> bool:
         return (pid == self.pid and start == self.start) or process_start(pid) == start
@@ -243,17 +246,18 @@ class _Ledger:
                     self.clear(index)
                     pids[index] = 0
         self.free = pids.index(0) if 0 in pids else None
+        live = list(itertools.compress(range(self.rows), pids))
         helds = table[3::_COLUMNS].tolist()
         sinces = table[5::_COLUMNS].tolist()
-        live = list(map(bool, pids))
-        waiting = [
-            _Row(index, table[index * _COLUMNS + 2], helds[index], table[index * _COLUMNS + 4], sinces[index])
-            for index in itertools.compress(range(self.rows), sinces)
-            if pids[index]
-        ]
+
+        def row(index: int) -> _Row:
+            base = index * _COLUMNS
+            return _Row(index, table[base + 2], helds[index], table[base + 4], sinces[index], table[base + 6])
+
         return Table(
-            held=sum(itertools.compress(helds, live)), waiting=waiting, count=sum(live),
-            running=sum(itertools.compress(helds, live)) - sum(row.held for row in waiting),
+            waiting=[row(index) for index in live if sinces[index]],
+            holding=[row(index) for index in live if helds[index]],
+            count=len(live),
         )
 
     def close(self) -> None:
@@ -271,26 +275,29 @@ ADMIT, WAIT, GIVE_WAY = "admit", "wait", "give way"
 class Table(NamedTuple):
     """What a decision needs from the ledger's live rows."""
 
-    held: int  # bytes held by every live row
     waiting: list[_Row]  # the rows waiting now
+    holding: list[_Row]  # the rows holding bytes now (a waiting grower is in both)
     count: int  # live rows
-    running: int  # bytes held by rows not waiting: they will be released
+
+    @property
+    def held(self) -> int:
+        return sum(row.held for row in self.holding)
+
+    @property
+    def running(self) -> int:
+        """Bytes held by requests that are not waiting: they will be released."""
+        return sum(row.held for row in self.holding if not row.since)
 
 
 def table_of(rows: list[_Row]) -> Table:
-    waiting = [row for row in rows if row.since]
-    held = sum(row.held for row in rows)
-    return Table(held, waiting, len(rows), held - sum(row.held for row in waiting))
+    return Table([row for row in rows if row.since], [row for row in rows if row.held], len(rows))
 
 
 def verdict(table: Table, me: _Row, limit: int, now: int, patience_ns: int, *, newcomer: bool) -> str:
     """What `me` does now: its row is in `table` once it waits (index -1 while a newcomer
     has none). Pure, so each rule is testable on its own."""
-    if newcomer and any(
-        row.index != me.index and row.want and row.since < me.since and now - row.since > patience_ns
-        for row in table.waiting
-    ):
-        return WAIT  # an older waiter ran out of patience: let the held set drain for it
+    if newcomer and any(_held_up_by_later(table, row, limit) for row in _starving(table, me, now, patience_ns)):
+        return WAIT  # let the requests that came after that waiter drain for it
     # My row, if I have one, holds what I hold: count it once.
     others = table.held - (me.held if me.index >= 0 else 0)
     if others + me.held + me.want <= limit:
@@ -298,6 +305,22 @@ def verdict(table: Table, me: _Row, limit: int, now: int, patience_ns: int, *, n
     if not newcomer and me.index in _giving_way(table, limit):
         return GIVE_WAY
     return WAIT
+
+
+def _starving(table: Table, me: _Row, now: int, patience_ns: int) -> list[_Row]:
+    """The waiters that began waiting before `me` and have run out of patience."""
+    return [
+        row for row in table.waiting
+        if row.index != me.index and row.want and row.since < me.since and now - row.since > patience_ns
+    ]
+
+
+def _held_up_by_later(table: Table, waiter: _Row, limit: int) -> bool:
+    """Would `waiter` fit but for the requests admitted after it began waiting? Only then do
+    newcomers wait for it: while it is blocked by renders that started before it (another big
+    render), holding newcomers back would not let it in any sooner."""
+    earlier = sum(row.held for row in table.holding if row.index != waiter.index and row.admitted < waiter.since)
+    return earlier + waiter.held + waiter.want <= limit
 
 
 def _giving_way(table: Table, limit: int) -> set[int]:
@@ -423,60 +446,62 @@ class MemoryBudget:
         with self._changed:
             self._tokens += 1
             token = self._tokens
-            index = self._admit(None, token, 0, nbytes, deadline)
-            return Reservation(self, index, token, nbytes)
+            index, admitted = self._admit(_Row(-1, token, 0, nbytes, 0), deadline)
+            return Reservation(self, index, token, nbytes, admitted)
 
     def _grow(self, reservation: Reservation, extra: int, deadline: float) -> None:
         if reservation.nbytes + extra > self.limit:
             raise self.never_fits(reservation.nbytes + extra)
         self._check_fork()
         with self._changed:
-            self._admit(reservation.index, reservation.token, reservation.nbytes, extra, deadline)
+            mine = _Row(reservation.index, reservation.token, reservation.nbytes, extra, 0, reservation.admitted)
+            self._admit(mine, deadline)
             reservation.nbytes += extra
 
-    def _admit(self, index: int | None, token: int, held: int, want: int, deadline: float) -> int:
-        """Wait (holding self._changed) until `want` more bytes are admitted beside `held`;
-        return the row. `index` None: a newcomer, which has no row until it waits or is in."""
+    def _admit(self, me: _Row, deadline: float) -> tuple[int, int]:
+        """Wait (holding self._changed) until `me.want` more bytes are admitted beside
+        `me.held`; return the row and when the request got in. A newcomer (index -1) has no
+        row until it waits or is in."""
         ledger = self._view()
-        newcomer = index is None
-        since = 0  # set once this request waits, and written into its row
+        newcomer = me.index < 0
         patience_ns = int(self.patience_s * 1e9)
         try:
             while True:
                 with ledger.locked():
                     now = time.monotonic_ns()
                     table = ledger.sweep()
-                    me = _Row(-1 if index is None else index, token, held, want, since or now)
-                    decided = verdict(table, me, self.limit, now, patience_ns, newcomer=newcomer)
+                    decided = verdict(table, me._replace(since=me.since or now), self.limit, now, patience_ns,
+                                      newcomer=newcomer)
                     if decided == GIVE_WAY:
                         raise Busy(
                             "this image gave its share of the memory budget to an older render that "
                             "was waiting for it; retry shortly", retry_after=2,
                         )
-                    if index is None:
-                        index = ledger.free
-                    if index is not None:
+                    if me.index < 0 and ledger.free is not None:
+                        me = me._replace(index=ledger.free)
+                    if me.index >= 0:
                         if decided == ADMIT:
-                            ledger.write(index, token, held + want)
-                            if since:
-                                since = 0
+                            waited = me.since
+                            me = me._replace(held=me.held + me.want, want=0, since=0, admitted=me.admitted or now)
+                            ledger.write(me)
+                            if waited:
                                 self._changed.notify_all()  # a waiter got in: the newcomer gate may lift
-                            return index
-                        if not since:
-                            since = now
-                            ledger.write(index, token, held, want, since)
+                            return me.index, me.admitted
+                        if not me.since:
+                            me = me._replace(since=now)
+                            ledger.write(me)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._busy()
                 self._changed.wait(min(POLL_S, remaining))
         finally:
-            if since and index is not None:  # gave up while waiting: stop waiting
+            if me.since:  # gave up while waiting: stop waiting
                 with ledger.locked():
-                    if ledger.owns(index, token):
+                    if ledger.owns(me.index, me.token):
                         if newcomer:
-                            ledger.clear(index)
+                            ledger.clear(me.index)
                         else:
-                            ledger.write(index, token, held)
+                            ledger.write(me._replace(want=0, since=0))
                 self._changed.notify_all()
 
     def _shrink(self, reservation: Reservation, nbytes: int) -> None:
@@ -485,7 +510,7 @@ class MemoryBudget:
             ledger = self._view()
             with ledger.locked():
                 reservation.nbytes = nbytes
-                ledger.write(reservation.index, reservation.token, nbytes)
+                ledger.write(_Row(reservation.index, reservation.token, nbytes, 0, 0, reservation.admitted))
             self._changed.notify_all()
 
     def _release(self, reservation: Reservation) -> None:
@@ -507,11 +532,12 @@ class MemoryBudget:
 class Reservation:
     """Bytes held in the budget; a context manager. release() is idempotent."""
 
-    def __init__(self, budget: MemoryBudget, index: int, token: int, nbytes: int) -> None:
+    def __init__(self, budget: MemoryBudget, index: int, token: int, nbytes: int, admitted: int = 0) -> None:
         self.budget = budget
         self.index = index
         self.token = token
         self.nbytes = nbytes
+        self.admitted = admitted  # monotonic ns it got in
         self.released = False
         self._lock = threading.Lock()
 

@@ -201,20 +201,22 @@ def test_grow_waits_for_room_and_refuses_what_can_never_fit(ledger):
     assert budget.in_use() == 0
 
 
-def test_a_newcomer_passes_a_waiter_until_the_waiter_runs_out_of_patience(tmp_path):
-    path = create_ledger(1000 * MB, 200 * MB, directory=str(tmp_path), patience_s=0.5)
-    budget = MemoryBudget.from_ledger(path)
-    small = budget.reserve(300 * MB, time.monotonic() + 1)
+def test_newcomers_wait_for_a_waiter_past_its_patience_only_when_later_requests_hold_it_up(tmp_path):
+    path = create_ledger(1000 * MB, 200 * MB, directory=str(tmp_path), patience_s=0.3)
+    budget = MemoryBudget.from_ledger(path)  # limit 800 MB
+    first = budget.reserve(300 * MB, time.monotonic() + 1)
     got: list[str] = []
     big = threading.Thread(target=lambda: got.append(budget.reserve(700 * MB, time.monotonic() + 20).nbytes and "big"))
     big.start()
     _wait_for(lambda: budget.waiting() == [(0, 700 * MB)])
-    # 300 held + 700 waiting: a newcomer of 200 MB fits beside what is held, and the big
-    # one has not waited long, so it passes.
-    passed = budget.reserve(200 * MB, time.monotonic() + 0.2)
-    passed.release()
-    _wait_for(lambda: not _passes(budget, 200 * MB), timeout=10)  # patience ran out: newcomers wait
-    small.release()
+    # It has not waited long: a newcomer that fits beside what is held passes it.
+    late = budget.reserve(150 * MB, time.monotonic() + 0.2)
+    time.sleep(0.4)  # past its patience, but held up by `first`, which came before it
+    assert _passes(budget, 0)
+    first.release()  # now only `late` keeps it out (150 + 700 > 800): newcomers wait for it
+    _wait_for(lambda: not _passes(budget, 0))
+    assert got == []
+    late.release()
     big.join(10)
     assert got == ["big"]
     assert budget.in_use() == 700 * MB
@@ -340,8 +342,8 @@ def test_this_machines_budget_is_positive_and_below_its_memory():
 # -- one reservation per miss: who waits for whom ------------------------------------------------
 
 
-def _row(index: int, held: int, want: int = 0, since: int = 0) -> _Row:
-    return _Row(index, index + 1, held * MB, want * MB, since)
+def _row(index: int, held: int, want: int = 0, since: int = 0, admitted: int = 0) -> _Row:
+    return _Row(index, index + 1, held * MB, want * MB, since, admitted)
 
 
 SECOND = 1_000_000_000
@@ -353,15 +355,19 @@ def test_a_grower_gets_in_when_it_fits_whoever_waits_before_it():
     assert verdict(table_of(rows), grower, 1000 * MB, 60 * SECOND, 2 * SECOND, newcomer=False) == ADMIT
 
 
-def test_a_newcomer_waits_only_for_a_waiter_past_its_patience():
-    rows = [_row(0, 50, 930, since=10 * SECOND), _row(1, 100)]
+def test_a_newcomer_waits_only_for_a_waiter_past_its_patience_held_up_by_later_requests():
+    # A big render waits since 10 s; a small one admitted at 10.5 s holds 100 MB.
+    rows = [_row(0, 50, 930, since=10 * SECOND, admitted=9 * SECOND), _row(1, 100, admitted=10.5 * SECOND)]
     newcomer = _Row(-1, 9, 0, 0, 11 * SECOND)
     assert verdict(table_of(rows), newcomer, 1000 * MB, 11 * SECOND, 2 * SECOND, newcomer=True) == ADMIT
     later = newcomer._replace(since=13 * SECOND)
     assert verdict(table_of(rows), later, 1000 * MB, 13 * SECOND, 2 * SECOND, newcomer=True) == WAIT
+    # Blocked by a render that started before it: holding newcomers back would not help.
+    rows[1] = _row(1, 100, admitted=9.5 * SECOND)
+    assert verdict(table_of(rows), later, 1000 * MB, 13 * SECOND, 2 * SECOND, newcomer=True) == ADMIT
     # A newcomer that began waiting first is not held up by a younger one's patience, only
     # by not fitting.
-    rows = [_row(0, 0, 300, since=5 * SECOND), _row(1, 50, 930, since=6 * SECOND), _row(2, 700)]
+    rows = [_row(0, 0, 300, since=5 * SECOND), _row(1, 50, 930, since=6 * SECOND), _row(2, 700, admitted=7 * SECOND)]
     assert verdict(table_of(rows), rows[0], 1000 * MB, 13 * SECOND, 2 * SECOND, newcomer=True) == WAIT
     rows[2] = _row(2, 0)
     assert verdict(table_of(rows), rows[0], 1000 * MB, 13 * SECOND, 2 * SECOND, newcomer=True) == ADMIT
@@ -383,6 +389,34 @@ def test_nobody_gives_way_while_a_running_holder_or_a_fitting_waiter_will_free_b
     assert [verdict(table_of(running), row, 1000 * MB, 10, SECOND, newcomer=False) for row in waiters] == [WAIT, WAIT]
     fitting = [*waiters, _row(2, 10, 20, since=3)]
     assert [verdict(table_of(fitting), row, 1000 * MB, 10, SECOND, newcomer=False) for row in waiters] == [WAIT, WAIT]
+
+
+def test_small_newcomers_do_not_wait_for_a_big_one_blocked_by_an_earlier_render(tmp_path):
+    path = create_ledger(1000 * MB, 0, directory=str(tmp_path), patience_s=0.1)
+    budget = MemoryBudget.from_ledger(path)
+    running = budget.reserve(600 * MB, time.monotonic() + 1)  # a big render that started first
+    got: list[str] = []
+
+    def big() -> None:
+        with budget.reserve(0, time.monotonic() + 20) as held:
+            held.grow(50 * MB, time.monotonic() + 20)
+            held.grow(700 * MB, time.monotonic() + 20)
+            got.append("big")
+
+    waiter = threading.Thread(target=big)
+    waiter.start()
+    _wait_for(lambda: budget.waiting() == [(50 * MB, 700 * MB)])
+    time.sleep(0.2)  # past its patience
+    for _ in range(5):  # 600 + 50 + 700 > 1000 whatever newcomers do: they pass
+        with budget.reserve(0, time.monotonic() + 0.5) as small:
+            small.grow(300 * MB, time.monotonic() + 0.5)
+    with budget.reserve(0, time.monotonic() + 0.5) as small:
+        small.grow(300 * MB, time.monotonic() + 0.5)
+        running.release()  # only this later request keeps it out now (300 + 50 + 700 > 1000)
+        with pytest.raises(Busy):
+            budget.reserve(0, time.monotonic() + 0.2)
+    waiter.join(10)
+    assert got == ["big"]
 
 
 def _smalls(path: str, threads: int, body: int, render: int, connection) -> None:
