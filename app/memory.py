@@ -21,9 +21,12 @@ deadline)`); it is released when the render is done. Two kinds of request wait f
   would keep its body out of everyone's reach while it waits, which is how one big render
   used to block every miss of the service; finishing it frees its bytes soonest.
 - a **newcomer** holds nothing yet (`reserve`). It is admitted when it fits, except while a
-  waiter has been waiting longer than PATIENCE_S (and longer than the newcomer): then it
-  waits until that waiter is in. So the held set drains and a big render is not starved by
-  a stream of small ones; it waits at most PATIENCE_S plus the renders already in flight.
+  waiter has been waiting longer than PATIENCE_S (and longer than the newcomer) and would fit
+  but for the requests admitted after it began waiting: then it waits until that waiter is
+  in. So the held set drains and a big render is not starved by a stream of small ones; it
+  waits at most PATIENCE_S plus the renders in flight. While the waiter is kept out by
+  renders that started before it (another big one), newcomers pass: holding them back would
+  not let it in any sooner, and small renders never wait behind a big one that cannot fit.
 
 The one state that would not resolve by itself: several growers each hold a body, all bytes
 held are theirs, and none fits (five 48 MP w=0 AVIFs, each holding a 25 MB body and wanting
@@ -435,7 +438,8 @@ class MemoryBudget:
 
     def reserve(self, nbytes: int, deadline: float) -> Reservation:
         """Hold `nbytes` (0 at the start of a miss) until released; wait until `deadline`
-        (time.monotonic) for room, as a newcomer: behind any waiter that ran out of patience.
+        (time.monotonic) for room, as a newcomer (module docstring: it may wait for a waiter
+        that ran out of patience).
 
         OverMemoryBudget (400) at once if it can never fit; Busy (503) at the deadline.
         """
