@@ -653,3 +653,28 @@ def test_a_ledger_of_another_version_is_refused_by_name(tmp_path):
     path.write_bytes(b"IPML" + (1).to_bytes(4, "little") + bytes(64))
     with pytest.raises(ValueError, match="version 1"):
         read_ledger_header(str(path))
+
+
+def test_a_forked_child_reopens_the_ledger_and_never_frees_its_parents_bytes(ledger):
+    budget = MemoryBudget.from_ledger(ledger)
+    parent = budget.reserve(300 * MB, time.monotonic() + 1)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only the budget object it inherited, then _exit
+        code = 1
+        try:
+            parent.release()  # the parent's row is not the child's to free
+            with budget.reserve(500 * MB, time.monotonic() + 5) as mine:
+                code = 0 if budget.in_use() == 800 * MB and mine.nbytes == 500 * MB else 2
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"\x00"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert budget.in_use() == 300 * MB
+    parent.release()
+    assert budget.in_use() == 0
