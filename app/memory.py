@@ -12,9 +12,12 @@ IMAGE_PROXY_MEMORY_BUDGET). The budget is for the whole service, not per worker,
               and the embedded Redis's maxmemory (plus its overhead) when it is embedded
     limit     budget - baseline: what renders and bodies may reserve together
 
-One reservation per miss. It starts empty (`reserve(0, deadline)`, before the fetch), grows as
-the body streams in, and grows again by the render's estimated peak (`grow(estimate,
-deadline)`); it is released when the render is done. Two kinds of request wait for bytes:
+One reservation per miss. It starts, before the fetch, with the render's fixed part (the
+encoder's contexts: `FIXED[format]` in app/render/estimate.py, known from the request alone),
+grows as the body streams in, and grows to body + the render's estimated peak once the header
+is read; it is released when the render is done. Starting with the fixed part keeps a burst
+of misses from filling the limit with bodies none of whose renders then fits. Two kinds of
+request wait for bytes:
 
 - a **grower** already holds bytes (its body). It never queues behind anyone: it is admitted
   as soon as everything held plus its extra fits the limit. Making it wait behind others
@@ -28,11 +31,15 @@ deadline)`); it is released when the render is done. Two kinds of request wait f
   renders that started before it (another big one), newcomers pass: holding them back would
   not let it in any sooner, and small renders never wait behind a big one that cannot fit.
 
-The one state that would not resolve by itself: several growers each hold a body, all bytes
-held are theirs, and none fits (five 48 MP w=0 AVIFs, each holding a 25 MB body and wanting
-1.3 GB of a 1.4 GB limit). Then the youngest waiters give way, one by one, until the oldest
-fits: each gets a 503 (`Busy`, retry shortly) at once and drops its body, instead of all of
-them waiting out their deadlines.
+Two states in which a waiter's body keeps others out for long, broken by making it give way
+(a 503, `Busy`, retry shortly, at once: it drops its body):
+- several growers each hold a body, all bytes held are theirs, and none fits (five 48 MP w=0
+  AVIFs, each holding a 25 MB body and wanting 1.3 GB of a 1.4 GB limit): nothing would
+  change until their deadlines. The youngest give way, one by one, until the oldest fits.
+- a grower waits behind another big render (one holding more than half the limit, seconds
+  long), and its body is what keeps another waiter out (thumbnails beside the running big
+  render): it gives way, so small renders never wait behind a big one that cannot fit yet.
+  Behind smaller renders it keeps its place: they finish soon, and patience protects it.
 
 Invariants: the bytes held never exceed the limit; release is idempotent; a dead process's
 rows are freed without its help.
@@ -305,9 +312,28 @@ def verdict(table: Table, me: _Row, limit: int, now: int, patience_ns: int, *, n
     others = table.held - (me.held if me.index >= 0 else 0)
     if others + me.held + me.want <= limit:
         return ADMIT
-    if not newcomer and me.index in _giving_way(table, limit):
+    if not newcomer and (me.index in _giving_way(table, limit) or _in_the_way(table, me, limit)):
         return GIVE_WAY
     return WAIT
+
+
+def _in_the_way(table: Table, me: _Row, limit: int) -> bool:
+    """Is `me` waiting behind another big render (one holding more than half the limit, which
+    may run for many seconds, and beside which `me` cannot fit) while holding bytes another
+    waiter could get in with? Then small renders would wait behind a big one that cannot fit
+    yet: it gives way. Behind smaller renders it keeps its place (they finish soon, and
+    PATIENCE_S holds newcomers back for it)."""
+    if not me.held or not any(row.index == me.index for row in table.waiting):
+        return False
+    if not any(
+        not row.since and row.index != me.index and row.held * 2 > limit and row.held + me.held + me.want > limit
+        for row in table.holding
+    ):
+        return False
+    return any(
+        row.index != me.index and row.want and table.held + row.want > limit >= table.held - me.held + row.want
+        for row in table.waiting
+    )
 
 
 def _starving(table: Table, me: _Row, now: int, patience_ns: int) -> list[_Row]:
@@ -555,6 +581,10 @@ class Reservation:
             raise RuntimeError("grow() on a released reservation")
         if extra > 0:
             self.budget._grow(self, int(extra), deadline)
+
+    def grow_to(self, nbytes: int, deadline: float) -> None:
+        """Hold at least `nbytes` in all (nothing to do if it already does); waits like grow()."""
+        self.grow(nbytes - self.nbytes, deadline)
 
     def shrink_to(self, nbytes: int) -> None:
         """Hold only `nbytes` from now on (never more than now): a body whose join is done

@@ -238,6 +238,17 @@ def _wait_for(condition, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def test_grow_to_holds_at_least_the_total(ledger):
+    budget = MemoryBudget.from_ledger(ledger)
+    with budget.reserve(26 * MB, time.monotonic() + 1) as held:
+        held.grow_to(26 * MB + 4 * MB, time.monotonic() + 1)  # the body on top of the render's floor
+        assert held.nbytes == 30 * MB
+        held.grow_to(10 * MB, time.monotonic() + 1)  # already holds more: nothing to do
+        assert held.nbytes == 30 * MB and budget.in_use() == 30 * MB
+        with pytest.raises(OverMemoryBudget):
+            held.grow_to(801 * MB, time.monotonic() + 1)
+
+
 def test_many_threads_never_hold_more_than_the_limit(ledger):
     budget = MemoryBudget.from_ledger(ledger)
     peak = [0]
@@ -419,6 +430,21 @@ def test_small_newcomers_do_not_wait_for_a_big_one_blocked_by_an_earlier_render(
     assert got == ["big"]
 
 
+def test_a_waiter_behind_another_big_render_gives_way_when_its_body_keeps_a_small_one_out():
+    running = _row(0, 1356)  # a 48 MP render, for seconds
+    big = _row(1, 50, 1331, since=1)  # the next one: cannot fit until that one is done
+    small = _row(2, 4, 30, since=2)  # a thumbnail's render: fits only without the big one's body
+    table = table_of([running, big, small])
+    assert verdict(table, big, 1433 * MB, 10, SECOND, newcomer=False) == GIVE_WAY
+    assert verdict(table, small, 1433 * MB, 10, SECOND, newcomer=False) == WAIT
+    # Behind smaller renders (none holds half the limit) it keeps its place: they finish soon.
+    table = table_of([_row(0, 700), _row(3, 650), big, small])
+    assert verdict(table, big, 1433 * MB, 10, SECOND, newcomer=False) == WAIT
+    # And nobody needs its body: it keeps it.
+    table = table_of([running, big])
+    assert verdict(table, big, 1433 * MB, 10, SECOND, newcomer=False) == WAIT
+
+
 def _smalls(path: str, threads: int, body: int, render: int, connection) -> None:
     """Child process: `threads` misses, each reserve(0) -> grow(body) -> grow(render); each
     reports "in" and holds until the parent says "release"."""
@@ -516,6 +542,58 @@ def test_the_gallery_small_renders_pass_a_big_one_that_cannot_fit_yet(tmp_path):
         for child in [*children, big]:
             child.stop()
         in_flight.release()
+    assert budget.in_use() == 0
+
+
+def _thumbnails(path: str, count: int, connection) -> None:
+    """Child process: `count` thumbnail misses in threads, each as serve makes one: the
+    render's floor, the body (twice while joined), then the render's peak; each reports."""
+    budget = MemoryBudget.from_ledger(path)
+    send = threading.Lock()
+
+    def miss() -> None:
+        floor, body, peak = 26 * MB, 4 * MB, 30 * MB
+        try:
+            with budget.reserve(floor, time.monotonic() + 30) as held:
+                held.grow_to(floor + 2 * body, time.monotonic() + 30)
+                held.shrink_to(floor + body)
+                held.grow_to(body + peak, time.monotonic() + 30)
+                time.sleep(0.05)  # the render
+            answer = "in"
+        except Busy:
+            answer = "busy"
+        with send:
+            connection.send(answer)
+
+    workers = [threading.Thread(target=miss) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    connection.poll(60)
+
+
+def test_thumbnails_beside_a_running_big_render_are_not_kept_out_by_the_next_big_ones_body(tmp_path):
+    """The issue's gallery at the shipped unit's limit (1,433 MB): one 48 MP render runs
+    (1,356 MB), the next waits holding its body; 8 thumbnails would fit only without that
+    body. The waiting one gives way at once; the thumbnails all render while the first big
+    one still runs."""
+    path = create_ledger(1433 * MB, 0, directory=str(tmp_path))
+    budget = MemoryBudget.from_ledger(path)
+    running = budget.reserve(1356 * MB, time.monotonic() + 1)
+    big = Child(_big, path, 51 * MB, 1305 * MB)
+    thumbnails = None
+    try:
+        assert big.recv() == "body"
+        _wait_for(lambda: budget.waiting() == [(51 * MB, 1305 * MB)])
+        thumbnails = Child(_thumbnails, path, 8)
+        assert big.recv().startswith("busy: this image gave its share")
+        assert [thumbnails.recv() for _ in range(8)] == ["in"] * 8
+        assert budget.in_use() == 1356 * MB  # the first big render still runs
+    finally:
+        for child in [big, *([thumbnails] if thumbnails else [])]:
+            child.stop()
+        running.release()
     assert budget.in_use() == 0
 
 
