@@ -110,6 +110,11 @@ class Admission:
         return self._in_flight
 
     @property
+    def queued(self) -> int:
+        """Renders waiting for a slot or running."""
+        return len(self._queue)
+
+    @property
     def seconds_per_unit(self) -> float:
         """What a work unit takes on this worker now: the learned value, decayed toward
         INITIAL_S_PER_UNIT with the time since it was learned."""

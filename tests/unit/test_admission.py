@@ -29,6 +29,14 @@ class Clock:
         self.now += seconds
 
 
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    """A hang guard, not a timing assertion: the condition must come true eventually."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the condition never came true"
+        time.sleep(0.01)
+
+
 def admission(**overrides) -> Admission:
     return Admission(**{"max_in_flight": 8, "render_slots": 2, **overrides})
 
@@ -108,8 +116,7 @@ def test_a_render_waits_for_a_slot_only_while_its_estimate_still_fits():
     running = threading.Thread(target=gate.render, args=(lambda: release.wait(30), time.monotonic() + 60, 1.0))
     running.start()
     try:
-        while gate.queued_seconds() == 0:
-            time.sleep(0.01)
+        _wait_for(lambda: gate.queued == 1)
         calls = []
         with pytest.raises(Busy):
             # 0.3 s left, 0.15 s estimated: it may wait 0.15 s for the slot, which stays taken.
@@ -131,13 +138,11 @@ def test_a_miss_is_shed_by_the_estimated_seconds_queued_ahead_not_by_their_count
 
     threads = [queue(0.01), queue(0.01)]  # one running, one waiting: 0.03 s of renders ahead
     try:
-        while gate.queued_seconds() < 0.02:
-            time.sleep(0.01)
+        _wait_for(lambda: gate.queued == 2)
         with gate.miss(time.monotonic() + 2):
             pass  # two renders queued, but short ones: a miss with 2 s left gets in
         threads.append(queue(10))  # and a long one: 15 s more ahead
-        while gate.queued_seconds() < 10:
-            time.sleep(0.01)
+        _wait_for(lambda: gate.queued == 3)
         with pytest.raises(Busy) as shed, gate.miss(time.monotonic() + 2):
             pass
         assert shed.value.retry_after >= 1
