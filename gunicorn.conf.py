@@ -123,10 +123,12 @@ def on_starting(server: object) -> None:
             f"the idle service alone uses about {baseline // memory.MB}M\n"
         )
         sys.exit(2)
-    os.environ[memory.LEDGER_ENV] = memory.create_ledger(budget, baseline)
+    # A row per reservation in flight: sized from the thread count the workers will really have.
+    rows = memory.ledger_rows(workers_now, int(os.environ["IMAGE_PROXY_THREADS"]))
+    os.environ[memory.LEDGER_ENV] = memory.create_ledger(budget, baseline, rows=rows)
     logging.getLogger("gunicorn.error").info(
-        "memory budget %d MB, %d MB of it for renders and fetched bodies; ledger %s", budget // memory.MB,
-        (budget - baseline) // memory.MB, os.environ[memory.LEDGER_ENV],
+        "memory budget %d MB, %d MB of it for renders and fetched bodies; ledger %s (%d rows)",
+        budget // memory.MB, (budget - baseline) // memory.MB, os.environ[memory.LEDGER_ENV], rows,
     )
     if _settings.redis_url is None:
         # Supervised: restarted on the same socket if it dies (app/embedded_redis.py).

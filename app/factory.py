@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver = system_
         pool_size=max(4, settings.threads),
     )
     # Under gunicorn the master's ledger (one budget for all workers), else this process's own.
-    memory = process_budget(settings.memory_budget, settings.workers, embedded_maxmemory)
+    memory = process_budget(settings.memory_budget, settings.workers, embedded_maxmemory, settings.threads)
     service = ImageService(settings, cache, fetcher, memory, **_recycling(settings))
     app.extensions["image_proxy"] = Services(settings, cache, fetcher, service)
 

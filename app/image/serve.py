@@ -40,7 +40,7 @@ from app.image.params import ImageRequest
 from app.image.sources import UPSTREAM_DOWN, SourceProvider
 from app.memory import MemoryBudget, Reservation
 from app.render import Rendered, RenderOptions, render
-from app.render.estimate import estimate_peak
+from app.render.estimate import FIXED, estimate
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
@@ -138,25 +138,27 @@ class ImageService:
     def _render_current(self, miss: Miss, status: str, cached: bool) -> tuple[CacheEntry, str]:
         """The entry to answer with and its X-Cache: a render of the current source, or the
         stale entry renewed (HIT) when the upstream says it has not changed."""
-        # Memory first, then CPU: the source body is held in the memory budget as it arrives
-        # (or as it is read back from the kept copy); the render's estimated peak is added to
-        # the same reservation before it takes a render slot (docs/memory.md).
-        with self.memory.reserve(0, miss.deadline) as held:
+        # Memory first, then CPU, in one reservation per miss (docs/memory.md): it starts with
+        # the render's fixed part, grows with the body as it arrives (or as it is read back
+        # from the kept copy), then to the render's estimated peak before the render takes a
+        # slot. A request that holds bytes never queues behind one that does not.
+        floor = FIXED[miss.request.format]
+        with self.memory.reserve(floor, miss.deadline) as held:
 
             def hold(total: int) -> None:
-                held.grow(total - held.nbytes, miss.deadline)
+                held.grow_to(floor + total, miss.deadline)
 
             current = self.sources.current(miss, hold, cached=cached)
             if current.body is None:
                 assert miss.stale is not None
                 return stamped(miss.stale, current.record), HIT
             # The join is done: from here on the body is held once.
-            hold(max(held.nbytes, len(current.body)))
-            held.shrink_to(len(current.body))
-            entry = self._render(miss, current.body, held)
+            held.grow_to(floor + len(current.body), miss.deadline)
+            held.shrink_to(floor + len(current.body))
+            entry = self._render(miss, current.body, held, floor)
         return stamped(entry, current.record), status
 
-    def _render(self, miss: Miss, body: bytes, held: Reservation) -> CacheEntry:
+    def _render(self, miss: Miss, body: bytes, held: Reservation, floor: int) -> CacheEntry:
         request, timings = miss.request, miss.timings
         options = RenderOptions(
             width=request.width,
@@ -174,12 +176,13 @@ class ImageService:
             finally:
                 timings.render_s = time.monotonic() - started
 
-        timings.memory_estimate = estimate_peak(body, options)
-        if timings.memory_estimate + held.nbytes > self.memory.limit:
-            # It could never fit beside its own body: a 400 now, not a wait.
-            raise self.memory.never_fits(timings.memory_estimate + held.nbytes)
-        held.grow(timings.memory_estimate, miss.deadline - self.admission.render_seconds)
-        rendered = self.admission.render(timed_render, miss.deadline)
+        cost = estimate(body, options)
+        timings.memory_estimate = cost.peak_bytes
+        # Never-fits is a 400 at once (inside grow); a render whose estimated time would end
+        # past the deadline never starts (admission.render).
+        held.grow_to(len(body) + max(floor, cost.peak_bytes),
+                     miss.deadline - self.admission.estimate_seconds(cost.work_units))
+        rendered = self.admission.render(timed_render, miss.deadline, cost.work_units)
         return CacheEntry(
             status=200,
             body=rendered.body,

@@ -1,4 +1,4 @@
-"""estimate_peak(data, options) -> bytes: the memory a render of these bytes will need, from the header.
+"""estimate(data, options) -> RenderCost: the memory and the CPU time a render will need, from the header.
 
 Used to admit a render into the service's memory budget (app/memory.py) before any pixel is
 decoded. It runs the pipeline's own header steps (sniff, open_source, check_pixels,
@@ -15,6 +15,16 @@ The model, per render (all terms in bytes; the constants are measured by
          + RESIZE_PASS x sqrt(decoded x output pixels)     resize's horizontal pass (out_w x in_h)
          + ENCODE[format] x output pixels                  the encoder's buffers for one frame
          + ACCUMULATED[format] x output pixels x frames    animations only
+
+The work, per render, in work units (one unit: a second of one core of the reference machine,
+the 2-core benchmark VM, rendering alone; app/image/admission.py learns how many seconds a unit
+takes now):
+
+    work = WORK_FIXED
+         + frames x ( WORK_SOURCE x source pixels            reading the whole file (a JPEG's
+                                                              entropy data at any draft scale)
+                    + WORK_DECODE[source format] x decoded pixels   decode, resize, convert
+                    + WORK_ENCODE[format] x output pixels )         the encoder
 
 Frames are decoded and resized one at a time, but `drop_opaque_alpha` and `encode` hold every
 resized frame of an animation (RGB(A), 4 bytes a pixel) and the animation encoders keep each
@@ -86,6 +96,24 @@ ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
 ACCUMULATED: dict[str, float] = {"webp": 7.5, "avif": 19.0}
 
 
+#: Work units (reference seconds) per megapixel, fitted by least relative error to 24 renders
+#: (noisy 2 MP and 12 MP JPEGs and a 2 MP PNG, w=320/640/1600/0, WebP and AVIF, each the best
+#: of two, alone on the 2-core VM): the model gives 0.8-1.7x the measured time of each. AVIF (SVT-AV1,
+#: speed 7) costs about 1.2x WebP per output pixel here, more at full size.
+WORK_FIXED = 0.01
+WORK_SOURCE = 0.003 / 1e6
+WORK_DECODE: dict[str, float] = {
+    "jpeg": 0.027 / 1e6,  # at the draft scale: the decoded pixels are a quarter or less
+    "png": 0.045 / 1e6,  # zlib, never reduced
+    "webp": 0.045 / 1e6,  # not measured: PNG's figure
+    "gif": 0.045 / 1e6,
+    "avif": 0.045 / 1e6,
+    "bmp": 0.045 / 1e6,
+    "tiff": 0.045 / 1e6,
+}
+WORK_ENCODE: dict[str, float] = {"webp": 0.09 / 1e6, "avif": 0.11 / 1e6}
+
+
 @dataclass(frozen=True)
 class RenderShape:
     """What a render's memory depends on, read from the header as the pipeline reads it."""
@@ -96,6 +124,15 @@ class RenderShape:
     output_pixels: int  # one frame
     frames: int
     animated: bool
+    source_pixels: int = 0  # one frame, before any draft
+
+
+@dataclass(frozen=True)
+class RenderCost:
+    """What admission needs of a render before it starts."""
+
+    peak_bytes: int  # memory at its peak, above an idle worker (app/memory.py)
+    work_units: float  # CPU time in reference seconds (app/image/admission.py)
 
 
 def render_shape(data: bytes, options: RenderOptions) -> RenderShape:
@@ -118,6 +155,7 @@ def render_shape(data: bytes, options: RenderOptions) -> RenderShape:
             output_pixels=out_w * out_h,
             frames=canvas.frame_count if canvas.animated else 1,
             animated=canvas.animated and canvas.frame_count > 1,
+            source_pixels=canvas.source_size[0] * canvas.source_size[1],
         )
     finally:
         canvas.frames = iter(())  # the lazy frame generator was never started
@@ -139,6 +177,22 @@ def peak_of(shape: RenderShape, fmt: str) -> int:
     return int(total)
 
 
+def work_of(shape: RenderShape, fmt: str) -> float:
+    per_frame = (
+        WORK_SOURCE * (shape.source_pixels or shape.decoded_pixels)
+        + WORK_DECODE[shape.source_format] * shape.decoded_pixels
+        + WORK_ENCODE[fmt] * shape.output_pixels
+    )
+    return WORK_FIXED + shape.frames * per_frame
+
+
+def estimate(data: bytes, options: RenderOptions) -> RenderCost:
+    """The memory and work of a render of `data` with `options`, from one read of the header;
+    raises the same 400s render() would for the header."""
+    shape = render_shape(data, options)
+    return RenderCost(peak_of(shape, options.format), work_of(shape, options.format))
+
+
 def estimate_peak(data: bytes, options: RenderOptions) -> int:
     """Bytes of memory a render of `data` with `options` needs at its peak, above an idle worker."""
-    return peak_of(render_shape(data, options), options.format)
+    return estimate(data, options).peak_bytes
