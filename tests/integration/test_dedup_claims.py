@@ -239,7 +239,8 @@ def test_while_redis_is_down_calls_skip_it_at_once_and_one_probe_brings_it_back(
     server = start_embedded_redis()
     try:
         cache = make_cache(server.url)
-        cache.health = RedisHealth(down_s=0.3)
+        # A window long enough that the 20 calls below all fall inside it, even on a busy machine.
+        cache.health = RedisHealth(down_s=2.0)
         cache.client = make_client(server.url, timeout=0.2)
         assert cache.get(key()) is None
         server.process.send_signal(signal.SIGSTOP)
@@ -249,13 +250,16 @@ def test_while_redis_is_down_calls_skip_it_at_once_and_one_probe_brings_it_back(
                 cache.get(key())  # pays the timeout once
             first = time.monotonic() - started
             skipped = []
+            window_ends = started + first + 2.0
             for _ in range(20):
+                if time.monotonic() > window_ends - 0.2:
+                    break
                 started = time.monotonic()
                 with pytest.raises(CacheUnavailable):
                     cache.get(key())
                 skipped.append(time.monotonic() - started)
             assert first >= 0.2
-            assert max(skipped) < 0.2 / 4, "skipped at once, not after another timeout"
+            assert skipped and max(skipped) < 0.2 / 2, "skipped at once, not after another timeout"
         finally:
             server.process.send_signal(signal.SIGCONT)
         give_up = time.monotonic() + 5
