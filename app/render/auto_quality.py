@@ -118,6 +118,6 @@ def _next(tried: dict[int, tuple[bytes, float]], passing: int, failing: int, tar
         return int(min(passing - 1, max(failing + 1, round(guess))))
     if passing <= TOP:  # only passes so far: step down
         gap = tried[passing][1] - target
-        return max(BOTTOM, passing - max(TOLERANCE + 1, round(gap / SLOPE)))
+        return max(BOTTOM, passing - max(TOLERANCE, round(gap / SLOPE)))
     gap = target - tried[failing][1]  # only failures so far: step up
-    return min(TOP, failing + max(TOLERANCE + 1, round(gap / SLOPE)))
+    return min(TOP, failing + max(TOLERANCE, round(gap / SLOPE)))

@@ -144,7 +144,7 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
             options.quality_hint,
             level=avif_quality if options.format == "avif" else int,
         )
-        canvas.quality, canvas.quality_score = choice.quality, round(choice.score, 2)
+        canvas.quality, canvas.quality_score = choice.quality, round(float(choice.score), 2)
         if not animated:
             body = choice.body  # the search's own candidate: no second encode
     else:
