@@ -15,6 +15,7 @@ The model, per render (all terms in bytes; the constants are measured by
          + RESIZE_PASS x sqrt(decoded x output pixels)     resize's horizontal pass (out_w x in_h)
          + ENCODE[format] x output pixels                  the encoder's buffers for one frame
          + ACCUMULATED[format] x output pixels x frames    animations only
+         + AUTO_QUALITY x output pixels                    q=auto only: the SSIMULACRA2 search
 
 Frames are decoded and resized one at a time, but `drop_opaque_alpha` and `encode` hold every
 resized frame of an animation (RGB(A), 4 bytes a pixel) and the animation encoders keep each
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.render.canvas import Canvas, RenderOptions
+from app.render.canvas import AutoQuality, Canvas, RenderOptions
 from app.render.check_pixels import check_pixels
 from app.render.decode import decode_reduced
 from app.render.failures import as_proxy_errors
@@ -81,6 +82,11 @@ RESIZE_PASS = 4.0
 #: buffers, and the plugin's copy of the pixels.
 ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
 
+#: Bytes per output pixel that a q=auto search adds: the reference's float32 XYB planes and
+#: blurs at every scale (64), and one candidate's planes and temporaries, scored one colour
+#: plane at a time (80); tracemalloc of app/render/ssimulacra2.py at 0.27 and 2.2 MP: 144.
+AUTO_QUALITY = 150.0
+
 #: Bytes per output pixel per frame that an animation holds until the encoder is done: the
 #: resized frames (4 bytes a pixel) and the encoded frames kept by the animation encoder.
 ACCUMULATED: dict[str, float] = {"webp": 7.5, "avif": 19.0}
@@ -129,9 +135,11 @@ def mode_extra(mode: str) -> float:
     return 0.0 if mode in NO_EXTRA else MODE_EXTRA.get(mode, DEFAULT_MODE_EXTRA)
 
 
-def peak_of(shape: RenderShape, fmt: str) -> int:
+def peak_of(shape: RenderShape, fmt: str, auto_quality: bool = False) -> int:
     decoded, output = shape.decoded_pixels, shape.output_pixels
     total = FIXED[fmt] + (DECODE[shape.source_format] + mode_extra(shape.mode)) * decoded + ENCODE[fmt] * output
+    if auto_quality:  # the search scores one frame, the first, at output size
+        total += AUTO_QUALITY * output
     if output != decoded:
         total += RESIZE_PASS * math.sqrt(decoded * output)
     if shape.animated:
@@ -141,4 +149,5 @@ def peak_of(shape: RenderShape, fmt: str) -> int:
 
 def estimate_peak(data: bytes, options: RenderOptions) -> int:
     """Bytes of memory a render of `data` with `options` needs at its peak, above an idle worker."""
-    return peak_of(render_shape(data, options), options.format)
+    auto = isinstance(options.quality, AutoQuality)
+    return peak_of(render_shape(data, options), options.format, auto_quality=auto)
