@@ -126,7 +126,7 @@ def summary(rows: list[Row], target: float) -> list[str]:
             reachable = [r for r in group if r.grid[100][1] >= target]
             ok = sum(r.score >= target - 1 for r in reachable)
             fixed_q = next((q for q in FIXED_GRID if all(r.grid[q][1] >= target for r in reachable)), None)
-            if fixed_q is None:
+            if fixed_q is None or not reachable:
                 ratio = "n/a"
             else:
                 auto_bytes = sum(r.size for r in reachable)
