@@ -15,7 +15,7 @@ from app.render.canvas import AutoQuality
 from app.settings import Settings
 
 #: Bumped whenever a change to rendering changes output bytes, so old cache entries retire.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"  # 4: AVIF q=100 without SVT tune 3 (it shifted colours)
 
 OutputFormat = Literal["webp", "avif"]
 CONTENT_TYPES: dict[str, str] = {"webp": "image/webp", "avif": "image/avif"}
