@@ -22,7 +22,10 @@ bytes of q=auto against that fixed q, and the median CPU of q=auto against fixed
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import io
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -83,6 +86,12 @@ class Row:
     cpu_ms: float
     fixed_cpu_ms: float
     grid: dict[int, tuple[int, float]]  # q -> (bytes, score)
+    encodes: int = 0
+    hint: int | None = None  # the family's earlier q, as the serve layer would pass it
+    hinted_quality: int = 0
+    hinted_score: float = 0.0
+    hinted_cpu_ms: float = 0.0
+    hinted_encodes: int = 0
 
 
 def corpus(packages: Path) -> list[tuple[str, Path]]:
@@ -95,15 +104,40 @@ def corpus(packages: Path) -> list[tuple[str, Path]]:
     return files
 
 
+class CountingSave:
+    """Counts the encoder calls of app/render/encode.py (the search's candidates)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.module = importlib.import_module("app.render.encode")
+        self.real = self.module.save
+        self.module.save = self
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+COUNTER: CountingSave | None = None
+
+
 def cpu_render(data: bytes, options: RenderOptions):  # type: ignore[no-untyped-def]
+    assert COUNTER is not None
+    before = COUNTER.calls
     started = time.process_time()
     rendered = render(data, options)
-    return rendered, (time.process_time() - started) * 1000
+    return rendered, (time.process_time() - started) * 1000, COUNTER.calls - before
 
 
-def measure(name: str, data: bytes, fmt: str, width: int, target: float) -> Row:
-    auto, auto_ms = cpu_render(data, RenderOptions(width=width, quality=AutoQuality(target), format=fmt))
-    _, fixed_ms = cpu_render(data, RenderOptions(width=width, quality=75, format=fmt))
+def measure(name: str, data: bytes, fmt: str, width: int, target: float, hint: int | None) -> Row:
+    auto, auto_ms, encodes = cpu_render(data, RenderOptions(width=width, quality=AutoQuality(target), format=fmt))
+    if hint is None:
+        hinted, hinted_ms, hinted_encodes = auto, auto_ms, encodes
+    else:
+        hinted, hinted_ms, hinted_encodes = cpu_render(
+            data, RenderOptions(width=width, quality=AutoQuality(target), format=fmt, quality_hint=hint)
+        )
+    _, fixed_ms, _ = cpu_render(data, RenderOptions(width=width, quality=75, format=fmt))
     frame = prepared_frames(data, RenderOptions(width=width, quality=75, format=fmt))[0]
     reference = Reference.of(flatten(frame))
     grid = {}
@@ -111,13 +145,14 @@ def measure(name: str, data: bytes, fmt: str, width: int, target: float) -> Row:
         body = save(frame, fmt, still_arguments(fmt, q, frame))
         with Image.open(io.BytesIO(body)) as decoded:
             grid[q] = (len(body), reference.score(linear_planes(flatten(decoded))))
-    return Row(name, fmt, width, auto.quality, auto.quality_score or 0.0, len(auto.body), auto_ms, fixed_ms, grid)
+    return Row(name, fmt, width, auto.quality, auto.quality_score or 0.0, len(auto.body), auto_ms, fixed_ms, grid,
+               encodes, hint, hinted.quality, hinted.quality_score or 0.0, hinted_ms, hinted_encodes)
 
 
 def summary(rows: list[Row], target: float) -> list[str]:
     lines = ["| format | w | images | reachable (q100 >= target) | q=auto >= target - 1 | smallest fixed q "
              "(all reachable >= target) | bytes q=auto / that q | median CPU ms q=auto / q75 (ratio) | "
-             "median q chosen |", "|---|---|---|---|---|---|---|---|---|"]
+             "median q chosen | median encodes (with the family's hint) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for fmt in sorted({r.fmt for r in rows}):
         for width in sorted({r.width for r in rows}):
             group = [r for r in rows if r.fmt == fmt and r.width == width]
@@ -132,14 +167,39 @@ def summary(rows: list[Row], target: float) -> list[str]:
                 auto_bytes = sum(r.size for r in reachable)
                 fixed_bytes = sum(r.grid[fixed_q][0] for r in reachable)
                 ratio = f"{auto_bytes:,} / {fixed_bytes:,} = {auto_bytes / fixed_bytes:.2f}x"
+            with_hint = [r.hinted_encodes for r in group if r.hint is not None]
+            hinted_encodes = f"{statistics.median(with_hint):.0f}" if with_hint else "-"
             auto_cpu = statistics.median(r.cpu_ms for r in group)
             fixed_cpu = statistics.median(r.fixed_cpu_ms for r in group)
             lines.append(
                 f"| {fmt} | {width} | {len(group)} | {len(reachable)} | {ok} of {len(reachable)} | {fixed_q} | "
                 f"{ratio} | "
                 f"{auto_cpu:.0f} / {fixed_cpu:.0f} ({auto_cpu / fixed_cpu:.1f}x) | "
-                f"{statistics.median(r.quality for r in group):.0f} |"
+                f"{statistics.median(r.quality for r in group):.0f} | "
+                f"{statistics.median(r.encodes for r in group):.0f} ({hinted_encodes}) |"
             )
+    return lines
+
+
+def family_summary(rows: list[Row], target: float) -> list[str]:
+    """Each image's rows as one srcset family: the first searched without a hint, the others
+    with the q found before (what the serve layer would pass), against fixed q75."""
+    lines = ["| family | images | median CPU q=auto (hinted) / q75 | hinted rows >= target - 1 | "
+             "hinted rows with the same q as unhinted (±2) |", "|---|---|---|---|---|"]
+    images = sorted({r.image for r in rows})
+    for size in sorted({sum(r.image == i for r in rows) for i in images}):
+        family = [i for i in images if sum(r.image == i for r in rows) == size]
+        ratios, ok, same, hinted = [], 0, 0, 0
+        for image in family:
+            members = [r for r in rows if r.image == image]
+            ratios.append(sum(r.hinted_cpu_ms for r in members) / sum(r.fixed_cpu_ms for r in members))
+            for r in members:
+                if r.hint is not None:
+                    hinted += 1
+                    ok += r.hinted_score >= target - 1
+                    same += abs(r.hinted_quality - r.quality) <= 2
+        lines.append(f"| {size} renders | {len(family)} | {statistics.median(ratios):.1f}x | {ok} of {hinted} | "
+                     f"{same} of {hinted} |")
     return lines
 
 
@@ -150,30 +210,44 @@ def main() -> int:
     parser.add_argument("--widths", default="640,1920")
     parser.add_argument("--formats", default="webp,avif")
     parser.add_argument("--only", default="", help="comma-separated file names (a quick subset)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/auto_quality_rows.jsonl"), help="every row, as JSON")
     args = parser.parse_args()
+    global COUNTER
+    COUNTER = CountingSave()
     files = corpus(args.packages)
     if args.only:
         files = [(n, p) for n, p in files if n in args.only.split(",")]
     rows: list[Row] = []
-    print("| image | source | format | w | q chosen | SSIMULACRA2 | bytes | CPU ms q=auto | CPU ms q75 | "
-          "q75 bytes / score |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| image | source | format | w | q chosen | SSIMULACRA2 | bytes | encodes | CPU ms q=auto | CPU ms q75 | "
+          "q75 bytes / score | hint: q, encodes, CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, path in files:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             source = f"{image.format} {image.mode} {image.width}x{image.height}"
             wide = image.width
+        found: dict[str, int] = {}  # format -> the q found last for this image
         for width in (int(w) for w in args.widths.split(",")):
             if width > 640 and wide <= 640:
                 continue
             for fmt in args.formats.split(","):
-                row = measure(name, data, fmt, width, args.target)
+                hint = found.get(fmt, next(iter(found.values()), None))
+                row = measure(name, data, fmt, width, args.target, hint)
+                found[fmt] = row.quality
                 rows.append(row)
+                with args.out.open("a") as out:
+                    out.write(json.dumps(dataclasses.asdict(row), default=float) + "\n")
                 q75 = row.grid[75]
+                hinted = "" if hint is None else (
+                    f"{hint}: q {row.hinted_quality}, {row.hinted_encodes}, {row.hinted_cpu_ms:.0f}"
+                )
                 print(f"| {name} | {source} | {fmt} | {width} | {row.quality} | {row.score:.1f} | {row.size:,} | "
-                      f"{row.cpu_ms:.0f} | {row.fixed_cpu_ms:.0f} | {q75[0]:,} / {q75[1]:.1f} |", flush=True)
+                      f"{row.encodes} | {row.cpu_ms:.0f} | {row.fixed_cpu_ms:.0f} | {q75[0]:,} / {q75[1]:.1f} | "
+                      f"{hinted} |", flush=True)
     print()
     print("\n".join(summary(rows, args.target)))
+    print()
+    print("\n".join(family_summary(rows, args.target)))
     return 0
 
 
