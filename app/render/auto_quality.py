@@ -9,7 +9,8 @@ app/render/ssimulacra2.py. Scores rise with q, closely enough to search by inter
   source) or START; each next one interpolates between the closest passing and failing
   qualities, or steps by the score gap over a typical slope while only one side is known;
 - the search stops when the passing and failing qualities are within TOLERANCE of each
-  other, or after MAX_ENCODES encodes; the answer is the lowest passing quality seen;
+  other, when a candidate passes by less than CLOSE points, or after MAX_ENCODES encodes;
+  the answer is the lowest passing quality seen;
 - a target that even q=100 misses gets q=100 (the top quality), as SPEC §11 asks.
 
 An animation is searched on its first frame alone, encoded as a still, and every frame is then
@@ -35,6 +36,9 @@ START = 75
 SLOPE = 0.5
 #: Stop once the lowest passing and the highest failing q are this close (about one point).
 TOLERANCE = 2
+#: ...or once a candidate passes by less than this many points: close enough that a lower q
+#: would save little, and it makes a good hint (or START on an average image) one encode.
+CLOSE = 1.0
 #: The most candidates one search encodes, so a miss costs a bounded multiple of a fixed q.
 MAX_ENCODES = 6
 TOP = 100
@@ -98,7 +102,7 @@ def search(
             passing = q
         else:
             failing = q
-        if passing - failing <= TOLERANCE or failing == TOP:
+        if passing - failing <= TOLERANCE or failing == TOP or target <= tried[q][1] < target + CLOSE:
             break
         q = _next(tried, passing, failing, target)
     if passing > TOP:
