@@ -6,7 +6,7 @@ keeps it lossless and AVIF at the same quality), with the exact SSIMULACRA2 port
 app/render/ssimulacra2.py. Scores rise with q, closely enough to search by interpolation:
 
 - the first candidate is the hint (the quality found for another width or format of the same
-  source) or START; each next one interpolates between the closest passing and failing
+  source) or START for the format; each next one interpolates between the closest passing and failing
   qualities, or steps by the score gap over a typical slope while only one side is known;
 - the search stops when the passing and failing qualities are within TOLERANCE of each
   other, when a candidate passes by less than CLOSE points, or after MAX_ENCODES encodes;
@@ -28,9 +28,11 @@ from PIL import Image
 
 from app.render.ssimulacra2 import Reference, linear_planes
 
-#: Where a search without a hint starts: the q that most often lands near the default target
-#: on the corpus (BENCHMARKS.md, "q=auto").
-START = 75
+#: Where a search without a hint starts, per format: about the median q chosen at the default
+#: target on the corpus (WebP 70-77, AVIF 64-67; BENCHMARKS.md, "q=auto"). AVIF needs fewer q
+#: than WebP for one SSIMULACRA2 score because the quality map equalises luma SSIM, not it.
+START: dict[str, int] = {"webp": 75, "avif": 66}
+DEFAULT_START = 75
 #: Score points per quality step near the targets that matter (WebP and AVIF, 9 photos at 640
 #: and 1920 between q 40 and 95: 0.3-0.7); the first step without a bracket uses it.
 SLOPE = 0.5
@@ -66,7 +68,7 @@ def flatten(image: Image.Image) -> Image.Image:
 
 def choose_quality(
     frame: Image.Image, encode: Callable[[int], bytes], target: float, hint: int | None = None,
-    level: Callable[[int], int] = int,
+    level: Callable[[int], int] = int, start: int = DEFAULT_START,
 ) -> Choice:
     """Search the quality for one frame; `encode(q)` gives the encoded bytes at q. `level(q)`
     is the encoder's own quality for q: AVIF's map gives several q one encoder quality, and
@@ -82,19 +84,19 @@ def choose_quality(
                 done[key] = body, reference.score(linear_planes(flatten(decoded)))
         return done[key]
 
-    choice = search(probe, target, hint)
+    choice = search(probe, target, hint, start=start)
     return Choice(choice.quality, choice.body, choice.score, len(done))
 
 
 def search(
     probe: Callable[[int], tuple[bytes, float]], target: float, hint: int | None = None,
-    *, max_encodes: int = MAX_ENCODES,
+    *, start: int = DEFAULT_START, max_encodes: int = MAX_ENCODES,
 ) -> Choice:
     """The lowest q in BOTTOM..TOP whose probe scores >= target, within TOLERANCE, in at most
     `max_encodes` probes; TOP when none reaches it. `probe(q)` -> (bytes, score)."""
     tried: dict[int, tuple[bytes, float]] = {}
     passing, failing = TOP + 1, BOTTOM - 1  # lowest q known to pass, highest known to fail
-    q = min(TOP, max(BOTTOM, hint if hint is not None else START))
+    q = min(TOP, max(BOTTOM, hint if hint is not None else start))
     # One probe is kept back for TOP, in case nothing passes before the budget runs out.
     while len(tried) < max_encodes - 1:
         tried[q] = probe(q)
