@@ -74,6 +74,10 @@ def choose_quality(
     is the encoder's own quality for q: AVIF's map gives several q one encoder quality, and
     those share one encode (Choice.encodes counts encodes, not probes)."""
     reference = Reference.of(flatten(frame))
+    if not reference.scales:
+        # A side under 8 px: the metric has no scale to judge it by and would call every q
+        # perfect, so the search would walk down to q 1. The start quality, one encode.
+        return Choice(start, encode(start), 100.0, 1)
     done: dict[int, tuple[bytes, float]] = {}
 
     def probe(q: int) -> tuple[bytes, float]:

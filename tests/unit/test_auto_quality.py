@@ -182,6 +182,13 @@ def test_render_q_auto_with_the_right_hint_encodes_at_most_twice(monkeypatch):
     assert again.quality <= first.quality
 
 
+@pytest.mark.parametrize("size", [(7, 40), (120, 5)])
+def test_an_output_too_small_to_judge_gets_the_start_quality(monkeypatch, size):
+    saves = CountingSave(monkeypatch)
+    rendered = render(png(photo_like(*size)), RenderOptions(width=0, quality=AutoQuality(70.0), format="webp"))
+    assert rendered.quality == 75 and saves.calls == 1
+
+
 def test_animation_is_searched_on_its_first_frame_and_encoded_once_more(monkeypatch):
     frames = [photo_like(seed=s) for s in range(3)]
     buffer = io.BytesIO()
