@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 from app.render import AutoQuality, RenderOptions, render
-from app.render.auto_quality import carried_hint, flatten
+from app.render.auto_quality import flatten
 from app.render.encode import save, still_arguments
 from app.render.ssimulacra2 import Reference, linear_planes
 from bench.prepared import prepared_frames
@@ -183,8 +183,7 @@ def summary(rows: list[Row], target: float) -> list[str]:
 
 def family_summary(rows: list[Row], target: float) -> list[str]:
     """Each image's rows as one srcset family: the first searched without a hint, the others
-    with the q found before for the same format, else the other format's shifted (what
-    app/image/quality_hint.read_hint gives the serve layer), against fixed q75."""
+    with the q found before for the same format, else the other format's, against fixed q75."""
     lines = ["| family | images | median CPU q=auto (hinted) / q75 | hinted rows >= target - 1 | "
              "hinted rows with the same q as unhinted (±2) |", "|---|---|---|---|---|"]
     images = sorted({r.image for r in rows})
@@ -232,13 +231,7 @@ def main() -> int:
             if width > 640 and wide <= 640:
                 continue
             for fmt in args.formats.split(","):
-                if fmt in found:
-                    hint: int | None = found[fmt]
-                elif found:
-                    other, q = next(iter(found.items()))
-                    hint = carried_hint(q, other, fmt)  # what app/image/quality_hint.read_hint gives
-                else:
-                    hint = None
+                hint = found.get(fmt, next(iter(found.values()), None))
                 row = measure(name, data, fmt, width, args.target, hint)
                 found[fmt] = row.quality
                 rows.append(row)

@@ -47,13 +47,6 @@ TOP = 100
 BOTTOM = 1
 
 
-def carried_hint(quality: int, found_for: str, wanted_for: str) -> int:
-    """The hint for `wanted_for` from a q found for `found_for` (formats): shifted by the
-    difference of their starts, since one SSIMULACRA2 score needs fewer AVIF q than WebP q."""
-    shifted = quality + START.get(wanted_for, DEFAULT_START) - START.get(found_for, DEFAULT_START)
-    return min(TOP, max(BOTTOM, shifted))
-
-
 @dataclass(frozen=True)
 class Choice:
     quality: int
