@@ -59,6 +59,17 @@ def _seconds(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def _score(text: str) -> float:
+    """An SSIMULACRA2 score (100 = identical); kept to one decimal, since it names cache keys."""
+    try:
+        value = round(float(text), 1)
+    except ValueError:
+        raise ValueError("expected an SSIMULACRA2 score such as 70") from None
+    if not 10 <= value <= 100:
+        raise ValueError("must be between 10 and 100")
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -250,6 +261,7 @@ class Settings:
     max_source_pixels: int = setting(_int(1), "50000000", "Sources with more pixels (width x height, per frame) are refused before decoding.")
     max_width: int = setting(_int(1, 65535), "8192", "Largest accepted w.")
     allowed_widths: tuple[int, ...] = setting(_widths, "", "Comma-separated list; when set, w must be 0 or one of them.")
+    auto_quality_target: float = setting(_score, "70", "SSIMULACRA2 score that q=auto reaches with the fewest bytes (90 visually lossless, 70 high, 50 medium; see docs/image-fidelity.md). Part of the cache key of q=auto answers.")
     max_animation_frames: int = setting(_int(1), "300", "Animated sources with more frames are refused (400).")
     allowed_hosts: tuple[str, ...] = setting(_hosts, "", "Comma-separated host names or *.example.com patterns; when set, only these are fetched.")
     allow_networks: tuple[Network, ...] = setting(_networks, "", "Comma-separated CIDRs exempt from the public-address rule (any port).")

@@ -160,7 +160,7 @@ def load(port: int, paths: list[str], conc: int, headers: dict[str, str] | None 
     return time.perf_counter() - started, latencies, total[0], total[1]
 
 
-def image_path(upstream_port: int, photo: str, w: int, fmt: str, q: int, nonce: str) -> str:
+def image_path(upstream_port: int, photo: str, w: int, fmt: str, q: int | str, nonce: str) -> str:
     source = f"http://127.0.0.1:{upstream_port}/v/{nonce}/photos/{photo}"
     return f"/image?url={quote(source, safe='')}&w={w}&q={q}&format={fmt}"
 
@@ -168,7 +168,19 @@ def image_path(upstream_port: int, photo: str, w: int, fmt: str, q: int, nonce: 
 # -- the in-process limit -----------------------------------------------------------------
 
 
-def _limit_one(args: tuple[str, int, str, int]) -> tuple[float, int, float]:
+def render_quality(q: int | str):  # type: ignore[no-untyped-def]
+    """The RenderOptions quality for --q: a number, or q=auto at the default target."""
+    from app.render import AutoQuality
+    from app.settings import Settings
+
+    return AutoQuality(Settings().auto_quality_target) if q == "auto" else q
+
+
+def quality_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _limit_one(args: tuple[str, int, str, int | str]) -> tuple[float, int, float]:
     import requests
 
     from app.render import RenderOptions, render
@@ -176,11 +188,11 @@ def _limit_one(args: tuple[str, int, str, int]) -> tuple[float, int, float]:
     url, w, fmt, q = args
     cpu0, started = time.process_time(), time.perf_counter()
     body = requests.get(url, timeout=60).content
-    out = render(body, RenderOptions(width=w, quality=q, format=fmt))
+    out = render(body, RenderOptions(width=w, quality=render_quality(q), format=fmt))
     return time.perf_counter() - started, len(out.body), time.process_time() - cpu0
 
 
-def run_limit(upstream_port: int, w: int, fmt: str, q: int, conc: int, rounds: int) -> Result:
+def run_limit(upstream_port: int, w: int, fmt: str, q: int | str, conc: int, rounds: int) -> Result:
     jobs = [(f"http://127.0.0.1:{upstream_port}/v/{uuid.uuid4().hex}/photos/{p}", w, fmt, q)
             for _ in range(rounds) for p in PHOTOS]
     with ProcessPoolExecutor(conc) as pool:
@@ -198,7 +210,7 @@ def run_limit(upstream_port: int, w: int, fmt: str, q: int, conc: int, rounds: i
 # -- the service --------------------------------------------------------------------------
 
 
-def run_service(server: Gunicorn, upstream_port: int, w: int, fmt: str, q: int, conc: int, rounds: int,
+def run_service(server: Gunicorn, upstream_port: int, w: int, fmt: str, q: int | str, conc: int, rounds: int,
                 mode: str) -> Result:
     assert server.process is not None
     if mode == "miss":
@@ -265,7 +277,7 @@ def start_bare(redis_url: str, key: str, workdir: Path) -> subprocess.Popen[byte
     raise RuntimeError("bare app did not start")
 
 
-def hit_path_with_wrk(server: Gunicorn, upstream_port: int, q: int, workdir: Path) -> list[Result]:
+def hit_path_with_wrk(server: Gunicorn, upstream_port: int, q: int | str, workdir: Path) -> list[Result]:
     """wrk on one cached URL, against the service and a bare view serving the same bytes
     from the same Redis."""
     hit = image_path(upstream_port, "panda_3872x2592.jpg", 640, "webp", q, "wrk")
@@ -345,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="640,1920")
     parser.add_argument("--formats", default="webp,avif")
     parser.add_argument("--conc", default="1,4")
-    parser.add_argument("--q", type=int, default=75)
+    parser.add_argument("--q", type=quality_arg, default=75, help="1..100 or auto")
     parser.add_argument("--skip-limit", action="store_true")
     parser.add_argument("--wrk-only", type=int, default=0, metavar="REPS",
                         help="only the wrk hit path, REPS times against a fresh service each, with medians "
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def wrk_reps(reps: int, q: int) -> int:
+def wrk_reps(reps: int, q: int | str) -> int:
     """The wrk hit path `reps` times, each on a fresh service; prints each run's ratios to
     the bare view and their medians (one run's c4 depends on how wrk's connections happen
     to split between the two workers)."""
@@ -409,13 +421,13 @@ def _service_redis_url(server: Gunicorn) -> str | None:
     return f"unix://{redis_socket(pid)}" if pid else None
 
 
-def _entry_key_for(upstream_port: int, photo: str, q: int) -> str:
+def _entry_key_for(upstream_port: int, photo: str, q: int | str) -> str:
     """The Redis key the service stores the wrk URL's image under."""
     from app.guard import parse_source_url
     from app.image.params import ImageRequest
 
     url = parse_source_url(f"http://127.0.0.1:{upstream_port}/v/wrk/photos/{photo}")
-    return ImageRequest(url, 640, q, "webp").cache_key().entry
+    return ImageRequest(url, 640, render_quality(q), "webp").cache_key().entry
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def _url_policy() -> URLPolicy:
 
 @bp.post("/warm")
 def warm() -> Response:
-    """{"url": ..., "widths": [320, 640], "formats": ["webp", "avif"], "q": 75}"""
+    """{"url": ..., "widths": [320, 640], "formats": ["webp", "avif"], "q": 75 or "auto"}"""
     services = current_app.extensions["image_proxy"]
     data = _body()
     widths, formats = data.get("widths", [0]), data.get("formats", ["webp"])
@@ -76,8 +76,9 @@ def warm() -> Response:
     if not isinstance(data.get("url"), str):
         raise BadParameter("url: missing (give an absolute http or https URL)")
     quality = data.get("q", 75)
-    if not isinstance(quality, int) or isinstance(quality, bool):
-        raise BadParameter("q: expected a whole number 1..100")
+    # q=auto costs several encodes a miss: warming its srcset family ahead is where it pays.
+    if quality != "auto" and (not isinstance(quality, int) or isinstance(quality, bool)):
+        raise BadParameter('q: expected a whole number 1..100 or "auto"')
     pairs = [(w, f) for f in dict.fromkeys(formats) for w in dict.fromkeys(widths)]
     if not pairs or len(pairs) > MAX_VARIANTS:
         raise BadParameter(f"widths x formats: give 1..{MAX_VARIANTS} variants")

@@ -12,10 +12,11 @@ from app import signing
 from app.cache import CacheKey
 from app.errors import BadParameter, BadSignature
 from app.guard import SourceURL, URLPolicy, parse_source_url
+from app.render.canvas import AutoQuality
 from app.settings import Settings
 
 #: Bumped whenever a change to rendering changes output bytes, so old cache entries retire.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"  # 4: AVIF q=100 without SVT tune 3 (it shifted colours)
 
 OutputFormat = Literal["webp", "avif"]
 CONTENT_TYPES: dict[str, str] = {"webp": "image/webp", "avif": "image/avif"}
@@ -29,7 +30,7 @@ class ImageRequest:
 
     url: SourceURL
     width: int  # 0 = source width
-    quality: int
+    quality: int | AutoQuality  # q=auto carries the target, so the key changes with it
     format: OutputFormat
     #: The client asked for format=auto; the response then varies on Accept.
     negotiated: bool = False
@@ -62,7 +63,8 @@ def parse_request(
 
       url     absolute http(s) URL, at most 2048 characters        required
       w       plain digits 0..MAX_WIDTH, 0 = source width            default 0
-      q       plain digits 1..100                                    default 75
+      q       plain digits 1..100, or auto (lowest q reaching           default 75
+              AUTO_QUALITY_TARGET, docs/image-fidelity.md)
       format  webp | avif | auto (AVIF if Accept names image/avif)   default webp
 
     Examples: url=https://example.com/a.jpg&w=640 -> 640 px WebP at q 75;
@@ -78,7 +80,11 @@ def parse_request(
     if width and settings.allowed_widths and width not in settings.allowed_widths:
         allowed = ", ".join(str(w) for w in settings.allowed_widths)
         raise BadParameter(f"w: {width} is not an allowed width (0 or one of {allowed})")
-    quality = _number(args, "q", default=DEFAULT_QUALITY, lo=1, hi=100)
+    quality: int | AutoQuality
+    if _single(args, "q") == "auto":  # lower case only, like format=auto
+        quality = AutoQuality(settings.auto_quality_target)
+    else:
+        quality = _number(args, "q", default=DEFAULT_QUALITY, lo=1, hi=100)
 
     format_text = _single(args, "format")
     requested = "webp" if format_text is None else format_text
@@ -144,7 +150,8 @@ def _number(args: Mapping[str, Sequence[str]], name: str, *, default: int, lo: i
     if text is None:
         return default
     if not _DIGITS.fullmatch(text):
-        raise BadParameter(f"{name}: {text[:40]!r} is not a whole number between {lo} and {hi}")
+        also = " or auto" if name == "q" else ""
+        raise BadParameter(f"{name}: {text[:40]!r} is not a whole number between {lo} and {hi}{also}")
     value = int(text)
     if not lo <= value <= hi:
         raise BadParameter(f"{name}: {value} is out of range ({lo}..{hi})")

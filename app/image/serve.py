@@ -37,6 +37,7 @@ from app.image.freshness import FRESH, STALE, Lifetimes, stamped
 from app.image.miss import BYPASS, HIT, MISS, Miss, Served, decide
 from app.image.miss import STALE as STALE_ANSWER
 from app.image.params import ImageRequest
+from app.image.quality_meta import AUTO_QUALITY, quality_meta
 from app.image.sources import UPSTREAM_DOWN, SourceProvider
 from app.memory import MemoryBudget, Reservation
 from app.render import Rendered, RenderOptions, render
@@ -167,6 +168,10 @@ class ImageService:
             max_pixels=self.settings.max_source_pixels,
             max_frames=self.settings.max_animation_frames,
             input_formats=self.settings.input_formats,
+            # A q=auto re-render of a variant starts its search at what it chose last time
+            # (one encode when that is still right); other variants' choices do not help
+            # (BENCHMARKS.md, q=auto).
+            quality_hint=_last_choice(miss),
         )
 
         def timed_render() -> Rendered:
@@ -196,5 +201,11 @@ class ImageService:
                 "source_bytes": len(body),
                 "source_width": rendered.source_width,
                 "source_height": rendered.source_height,
+                **quality_meta(rendered),
             },
         )
+
+
+def _last_choice(miss: Miss) -> int | None:
+    chosen = miss.stale.meta.get(AUTO_QUALITY) if miss.stale is not None else None
+    return chosen if isinstance(chosen, int) and 1 <= chosen <= 100 else None

@@ -15,6 +15,7 @@ from app.errors import LoopDetected
 from app.guard import URLPolicy
 from app.image.miss import Served
 from app.image.params import ImageRequest, check_signature, parse_request
+from app.image.quality_meta import AUTO_QUALITY
 from app.responses import IMAGE_SECURITY_HEADERS, error_response
 from app.settings import Settings
 
@@ -112,6 +113,9 @@ SOURCE_HEADERS = {
 def source_headers(meta: Mapping[str, object]) -> dict[str, str]:
     # Entries stored before a field existed lack it; its header is then left out, not guessed.
     headers = {name: str(meta[key]) for name, key in SOURCE_HEADERS.items() if meta.get(key)}
+    # Only q=auto answers say what they chose (app/image/quality_meta.py): a fixed q is in the URL.
+    if meta.get(AUTO_QUALITY):
+        headers["X-Quality"] = str(meta[AUTO_QUALITY])
     if headers:
         headers["Access-Control-Expose-Headers"] = ", ".join([*headers, "X-Cache"])
     return headers

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.render.apply_orientation import apply_orientation
-from app.render.canvas import Canvas, Rendered, RenderOptions
+from app.render.canvas import AutoQuality, Canvas, Rendered, RenderOptions
 from app.render.check_pixels import check_pixels
 from app.render.decode import decode_reduced
 from app.render.drop_opaque_alpha import drop_opaque_alpha
@@ -42,7 +42,7 @@ STEPS: tuple[Step, ...] = (
     encode,
 )
 
-__all__ = ["STEPS", "RenderOptions", "Rendered", "render"]
+__all__ = ["STEPS", "AutoQuality", "RenderOptions", "Rendered", "render"]
 
 
 def render(data: bytes, options: RenderOptions) -> Rendered:
@@ -67,5 +67,7 @@ def render(data: bytes, options: RenderOptions) -> Rendered:
         source_format=canvas.source_format,
         source_width=source_width,
         source_height=source_height,
+        quality=canvas.quality,
+        quality_score=canvas.quality_score,
     )
 

@@ -11,13 +11,27 @@ from app.settings import INPUT_FORMATS
 
 
 @dataclass(frozen=True)
+class AutoQuality:
+    """q=auto: the lowest quality whose output scores at least `target` (SSIMULACRA2)."""
+
+    target: float
+
+    def __str__(self) -> str:
+        # Spelled into the cache key: a changed target is another key, never an old choice.
+        return f"auto:{self.target:g}"
+
+
+@dataclass(frozen=True)
 class RenderOptions:
     width: int  # 0 = source width; never enlarged
-    quality: int  # 1..100, the same look in both formats
+    quality: int | AutoQuality  # 1..100, the same look in both formats; or chosen per image
     format: str  # "webp" | "avif"
     max_pixels: int = 50_000_000
     max_frames: int = 300
     input_formats: frozenset[str] = frozenset(INPUT_FORMATS)
+    #: For q=auto: the quality chosen for another width or format of the same source, where
+    #: the search starts (one or two encodes instead of a bisection). Ignored for a fixed q.
+    quality_hint: int | None = None
 
 
 @dataclass
@@ -45,6 +59,8 @@ class Canvas:
     content_type: str = ""
     has_alpha: bool = False
     draft_box: tuple[float, float, float, float] | None = None  # source region in drafted pixels
+    quality: int = 0  # the encoder quality used (q=auto: the one chosen)
+    quality_score: float | None = None  # q=auto: the chosen output's SSIMULACRA2 score
 
     @property
     def animated(self) -> bool:
@@ -67,3 +83,6 @@ class Rendered:
     source_format: str
     source_width: int = 0  # upright, as a viewer shows the source
     source_height: int = 0
+    quality: int = 0  # the quality encoded at: q, or what q=auto chose
+    #: q=auto only: the chosen output's SSIMULACRA2 (for an animation, its first frame's).
+    quality_score: float | None = None

@@ -15,6 +15,7 @@ The model, per render (all terms in bytes; the constants are measured by
          + RESIZE_PASS x sqrt(decoded x output pixels)     resize's horizontal pass (out_w x in_h)
          + ENCODE[format] x output pixels                  the encoder's buffers for one frame
          + ACCUMULATED[format] x output pixels x frames    animations only
+         + AUTO_QUALITY x output pixels                    q=auto only: the SSIMULACRA2 search
 
 The work, per render, in work units (one unit: a second of one core of the reference machine,
 the 2-core benchmark VM, rendering alone; app/image/admission.py learns how many seconds a unit
@@ -36,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.render.canvas import Canvas, RenderOptions
+from app.render.canvas import AutoQuality, Canvas, RenderOptions
 from app.render.check_pixels import check_pixels
 from app.render.decode import decode_reduced
 from app.render.failures import as_proxy_errors
@@ -90,6 +91,11 @@ RESIZE_PASS = 4.0
 #: Bytes per output pixel of one frame for the encoder: its picture, analysis and bitstream
 #: buffers, and the plugin's copy of the pixels.
 ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
+
+#: Bytes per output pixel that a q=auto search adds: the reference's float32 XYB planes and
+#: blurs at every scale (64), and one candidate's planes and temporaries, scored one colour
+#: plane at a time (80); tracemalloc of app/render/ssimulacra2.py at 0.27 and 2.2 MP: 144.
+AUTO_QUALITY = 150.0
 
 #: Bytes per output pixel per frame that an animation holds until the encoder is done: the
 #: resized frames (4 bytes a pixel) and the encoded frames kept by the animation encoder.
@@ -167,9 +173,11 @@ def mode_extra(mode: str) -> float:
     return 0.0 if mode in NO_EXTRA else MODE_EXTRA.get(mode, DEFAULT_MODE_EXTRA)
 
 
-def peak_of(shape: RenderShape, fmt: str) -> int:
+def peak_of(shape: RenderShape, fmt: str, auto_quality: bool = False) -> int:
     decoded, output = shape.decoded_pixels, shape.output_pixels
     total = FIXED[fmt] + (DECODE[shape.source_format] + mode_extra(shape.mode)) * decoded + ENCODE[fmt] * output
+    if auto_quality:  # the search scores one frame, the first, at output size
+        total += AUTO_QUALITY * output
     if output != decoded:
         total += RESIZE_PASS * math.sqrt(decoded * output)
     if shape.animated:
@@ -177,11 +185,21 @@ def peak_of(shape: RenderShape, fmt: str) -> int:
     return int(total)
 
 
-def work_of(shape: RenderShape, fmt: str) -> float:
+#: How many times a fixed-q encode's work a q=auto search costs (measured 5.9-12.1x for the
+#: whole render; the encode term carries it).
+AUTO_QUALITY_WORK = 8.0
+
+
+def work_of(shape: RenderShape, fmt: str, auto_quality: bool = False) -> float:
+    encode = WORK_ENCODE[fmt] * shape.output_pixels
+    if auto_quality:
+        # The search encodes and scores a few candidates of the first frame (BENCHMARKS.md,
+        # q=auto: a q=auto render costs 5.9-12.1x a fixed-q one, 2-3 encodes at the median).
+        encode *= AUTO_QUALITY_WORK
     per_frame = (
         WORK_SOURCE * (shape.source_pixels or shape.decoded_pixels)
         + WORK_DECODE[shape.source_format] * shape.decoded_pixels
-        + WORK_ENCODE[fmt] * shape.output_pixels
+        + encode
     )
     return WORK_FIXED + shape.frames * per_frame
 
@@ -190,7 +208,8 @@ def estimate(data: bytes, options: RenderOptions) -> RenderCost:
     """The memory and work of a render of `data` with `options`, from one read of the header;
     raises the same 400s render() would for the header."""
     shape = render_shape(data, options)
-    return RenderCost(peak_of(shape, options.format), work_of(shape, options.format))
+    auto = isinstance(options.quality, AutoQuality)
+    return RenderCost(peak_of(shape, options.format, auto_quality=auto), work_of(shape, options.format, auto))
 
 
 def estimate_peak(data: bytes, options: RenderOptions) -> int:

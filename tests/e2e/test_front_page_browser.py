@@ -249,6 +249,16 @@ def test_format_auto_counts_the_bytes_a_browser_that_accepts_avif_gets(page, ups
     assert console_errors(page) == []
 
 
+def test_q_auto_is_offered_and_requested(page, upstream):
+    assert page.evaluate("[...document.querySelectorAll('#qualities option')].map((o) => o.value)")[0] == "auto"
+    assert submit(page, upstream.url(PHOTO), w="320", q="auto") == "done"
+    shown = page.evaluate(READ_PAGE)
+    assert "q=auto" in shown["imageUrl"] and shown["optimized"]["naturalWidth"] == 320
+    served = requests.get(shown["imageUrl"], timeout=30)
+    assert served.status_code == 200 and shown["optimized"]["bytes"] == served.headers["Content-Length"]
+    assert console_errors(page) == []
+
+
 @pytest.mark.parametrize("hostile", HOSTILE_URLS, ids=["javascript-scheme", "script-markup", "img-onerror"])
 def test_hostile_urls_run_no_script_and_leave_the_page_intact(page, service, hostile):
     assert submit(page, hostile) == "error"

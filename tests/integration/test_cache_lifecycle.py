@@ -158,6 +158,16 @@ def test_warm_renders_the_family_from_one_download_and_the_sizes_match_later_hit
         assert int(hit.headers["Content-Length"]) == variant["bytes"]
 
 
+def test_warm_takes_q_auto_and_later_requests_hit_it(lifecycle_app, upstream):
+    client = lifecycle_app.test_client()
+    url = upstream.url(f"validated/{PHOTO}")
+    response = client.post("/admin/warm", headers=AUTH, json={"url": url, "widths": [120], "q": "auto"})
+    assert [(v["w"], v["status"]) for v in response.json["variants"]] == [(120, 200)]
+    hit = client.get(f"/image?url={quote(url, safe='')}&w=120&q=auto")
+    assert hit.headers["X-Cache"] == "HIT"
+    assert client.post("/admin/warm", headers=AUTH, json={"url": url, "q": "Auto"}).status_code == 400
+
+
 def test_purge_removes_every_variant_and_the_kept_source(lifecycle_app, upstream, redis_client):
     client = lifecycle_app.test_client()
     path = f"validated/{PHOTO}"

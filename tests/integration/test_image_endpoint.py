@@ -53,6 +53,9 @@ BAD_PARAMETERS = [
     ("url={u}&q=", "q"),
     ("url={u}&q=7.5", "q"),
     ("url={u}&q=%EF%BC%95", "q"),  # a full-width digit five: not a plain digit
+    ("url={u}&q=Auto", "q"),  # auto is lower case only, like format=auto
+    ("url={u}&q=auto5", "q"),
+    ("url={u}&q=auto&q=75", "q"),
     ("url={u}&format=gif", "format"),
     ("url={u}&format=WEBP", "format"),
     ("url={u}&format=", "format"),
@@ -261,3 +264,17 @@ def test_a_stored_failure_is_answered_with_its_status_on_every_hit(client, upstr
     assert (first.status_code, second.status_code) == (404, 404)
     assert second.headers["X-Cache"] == "HIT"
     assert second.headers["Cache-Control"] == "no-store" and second.json["error"]
+
+
+def test_q_auto_is_its_own_cache_entry_and_a_valid_image(client, upstream):
+    auto = client.get(image_url(upstream, w=320, q="auto", format="webp"))
+    assert auto.status_code == 200, auto.get_data(as_text=True)
+    assert decode(auto.data).size == (320, 213)
+    assert auto.headers["X-Cache"] == "MISS"
+    assert 1 <= int(auto.headers["X-Quality"]) <= 100
+    hit = client.get(image_url(upstream, w=320, q="auto", format="webp"))
+    assert hit.headers["X-Cache"] == "HIT"
+    assert hit.headers["X-Quality"] == auto.headers["X-Quality"], "a hit says what the miss chose"
+    fixed = client.get(image_url(upstream, w=320, q=75, format="webp"))
+    assert fixed.headers["X-Cache"] == "MISS"  # q=auto and q=75 never share an entry
+    assert "X-Quality" not in fixed.headers  # a fixed q is in the URL already

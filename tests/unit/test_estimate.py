@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from app.errors import BadSource, SourceTooLarge
-from app.render import RenderOptions
-from app.render.estimate import estimate_peak, render_shape
+from app.render import AutoQuality, RenderOptions
+from app.render.estimate import AUTO_QUALITY, estimate_peak, render_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
@@ -109,3 +109,11 @@ def test_what_render_refuses_from_the_header_the_estimate_refuses_the_same_way(c
         estimate_peak((corpus / "edge" / "bomb_gif_screen.gif").read_bytes(), options)
     with pytest.raises(BadSource):
         estimate_peak(b"<svg xmlns='http://www.w3.org/2000/svg'/>", options)
+
+
+def test_q_auto_adds_the_search_to_the_estimate():
+    buffer = io.BytesIO()
+    Image.new("RGB", (800, 600), (10, 20, 30)).save(buffer, "PNG")
+    fixed = estimate_peak(buffer.getvalue(), RenderOptions(width=400, quality=75, format="webp"))
+    auto = estimate_peak(buffer.getvalue(), RenderOptions(width=400, quality=AutoQuality(70.0), format="webp"))
+    assert abs(auto - fixed - AUTO_QUALITY * 400 * 300) <= 1

@@ -5,6 +5,7 @@ import pytest
 from app.errors import BadParameter, LoopDetected, SourceNotAllowed
 from app.guard import URLPolicy
 from app.image.params import ImageRequest, negotiate_format, parse_request
+from app.render import AutoQuality
 from app.settings import Settings
 
 SETTINGS = Settings()
@@ -101,3 +102,29 @@ def test_url_pointing_at_this_service_is_a_loop():
         parse(policy=policy, url="https://proxy.example/image?url=x")
     with pytest.raises(LoopDetected):
         parse(policy=policy, url="http://127.0.0.1:8000/image")
+
+
+def test_q_auto_carries_the_target_setting():
+    request = parse(settings=Settings(auto_quality_target=82.5), url="https://example.com/a.jpg", q="auto")
+    assert request.quality == AutoQuality(82.5)
+
+
+@pytest.mark.parametrize("text", ["Auto", "AUTO", "auto5", "5auto", " auto", "auto ", "automatic", "au"])
+def test_q_takes_only_the_word_auto(text):
+    with pytest.raises(BadParameter, match=r"^q:"):
+        parse(url="https://example.com/a.jpg", q=text)
+
+
+def test_q_auto_and_every_fixed_q_have_distinct_keys():
+    auto = parse(url="https://example.com/a.jpg", q="auto").cache_key()
+    fixed = {parse(url="https://example.com/a.jpg", q=str(q)).cache_key() for q in range(1, 101)}
+    assert auto not in fixed
+    assert auto.source == next(iter(fixed)).source  # one source: purge and the kept copy still cover it
+
+
+def test_a_changed_target_is_another_key():
+    keys = {
+        parse(settings=Settings(auto_quality_target=t), url="https://example.com/a.jpg", q="auto").cache_key()
+        for t in (70.0, 70.1, 80.0)
+    }
+    assert len(keys) == 3

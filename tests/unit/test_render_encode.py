@@ -121,3 +121,19 @@ def test_small_image_fallback_to_aom_drops_the_svt_only_options():
     Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, "PNG")
     rendered = render(buffer.getvalue(), RenderOptions(width=0, quality=75, format="avif"))
     assert Image.open(io.BytesIO(rendered.body)).size == (40, 30)
+
+
+def test_avif_at_q100_keeps_the_colours():
+    """SVT-AV1's tune 3 at quality 100 shifted every colour (mean RGB 99,116,135 came back as
+    88,110,127); q=100 is also what q=auto falls back to, so it must look right."""
+    from app.render import RenderOptions, render
+
+    gradient = Image.linear_gradient("L").resize((320, 200))
+    source = Image.merge("RGB", (gradient, gradient.rotate(90).resize((320, 200)), Image.new("L", (320, 200), 140)))
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    rendered = render(buffer.getvalue(), RenderOptions(width=0, quality=100, format="avif"))
+    with Image.open(io.BytesIO(rendered.body)) as out:
+        mean_out = out.convert("RGB").resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    mean_in = source.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    assert all(abs(a - b) <= 2 for a, b in zip(mean_in, mean_out, strict=True)), (mean_in, mean_out)

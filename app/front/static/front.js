@@ -79,6 +79,7 @@
       return {
         ok: true, status: response.status, bytes: blob.size, contentLength: Number(header("Content-Length")),
         contentType: header("Content-Type") || blob.type, cache: header("X-Cache") || "",
+        quality: header("X-Quality") || "",
         source: { bytes: Number(header("X-Source-Bytes")) || 0, width: Number(header("X-Source-Width")) || 0,
           height: Number(header("X-Source-Height")) || 0, format: header("X-Source-Format") || "" },
       };
@@ -181,7 +182,8 @@
     fact(optimizedCard, "format").textContent = params.format === "auto" ? `${servedFormat} (auto)` : servedFormat;
     const cacheNote = { HIT: "Served from the cache", MISS: "Rendered just now", BYPASS: "Served without the cache" };
     fact(optimizedCard, "note").textContent = `${cacheNote[optimized.cache] || "Served"} (X-Cache: ${optimized.cache}).`
-      + (params.format === "auto" ? " format=auto: what a browser that accepts AVIF gets." : "");
+      + (params.format === "auto" ? " format=auto: what a browser that accepts AVIF gets." : "")
+      + (optimized.quality ? ` q=auto chose quality ${optimized.quality} (X-Quality).` : "");
 
     const saving = fact(optimizedCard, "saving");
     if (source.bytes) {
