@@ -478,7 +478,8 @@ class Cache:
             self.health.failed(what, exc)
             raise CacheUnavailable(f"{what}: {exc}") from None
         except REDIS_ERRORS as exc:
-            self.health.answered()  # it answered, with an error
+            self.health.answered()  # it answered, with an error (CLUSTERDOWN, OOM, ...)
+            log.warning("redis answered %s with an error (%s); this request is served uncached", what, exc)
             raise CacheUnavailable(f"{what}: {exc}") from None
         except BaseException:
             self.health.answered()  # e.g. a waiter's deadline: Redis was answering throughout

@@ -96,9 +96,14 @@ class Cluster:
         )
         give_up = time.monotonic() + 20
         while time.monotonic() < give_up:
-            with redis.Redis(port=self.ports[0]) as node:
-                if node.cluster("INFO").get("cluster_state") == "ok":
-                    return
+            # Every node, not only the first: a node that has not yet seen the others answers
+            # CLUSTERDOWN for its slots.
+            states = []
+            for port in self.ports:
+                with redis.Redis(port=port) as node:
+                    states.append(node.cluster("INFO").get("cluster_state"))
+            if states == ["ok"] * len(self.ports):
+                return
             time.sleep(0.1)
         raise RuntimeError("cluster did not become ok")
 
