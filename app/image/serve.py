@@ -41,7 +41,7 @@ from app.image.quality_meta import AUTO_QUALITY, quality_meta
 from app.image.sources import UPSTREAM_DOWN, SourceProvider
 from app.memory import MemoryBudget, Reservation
 from app.render import Rendered, RenderOptions, render
-from app.render.estimate import FIXED, estimate
+from app.render.estimate import MISS_START, estimate
 from app.settings import Settings
 
 log = logging.getLogger("image_proxy.serve")
@@ -139,27 +139,27 @@ class ImageService:
     def _render_current(self, miss: Miss, status: str, cached: bool) -> tuple[CacheEntry, str]:
         """The entry to answer with and its X-Cache: a render of the current source, or the
         stale entry renewed (HIT) when the upstream says it has not changed."""
-        # Memory first, then CPU, in one reservation per miss (docs/memory.md): it starts with
-        # the render's fixed part, grows with the body as it arrives (or as it is read back
-        # from the kept copy), then to the render's estimated peak before the render takes a
-        # slot. A request that holds bytes never queues behind one that does not.
-        floor = FIXED[miss.request.format]
+        # Memory first, then CPU, in one reservation per miss (docs/memory.md). It starts at
+        # MISS_START, a small miss's whole need (body and render), so most small misses never
+        # grow; it grows past that only as the body arrives (or is read back from the kept
+        # copy) and then to body + the render's estimated peak before the render takes a slot.
+        floor = MISS_START[miss.request.format]
         with self.memory.reserve(floor, miss.deadline) as held:
 
             def hold(total: int) -> None:
-                held.grow_to(floor + total, miss.deadline)
+                held.grow_to(max(floor, total), miss.deadline)
 
             current = self.sources.current(miss, hold, cached=cached)
             if current.body is None:
                 assert miss.stale is not None
                 return stamped(miss.stale, current.record), HIT
             # The join is done: from here on the body is held once.
-            held.grow_to(floor + len(current.body), miss.deadline)
-            held.shrink_to(floor + len(current.body))
-            entry = self._render(miss, current.body, held, floor)
+            held.grow_to(max(floor, len(current.body)), miss.deadline)
+            held.shrink_to(max(floor, len(current.body)))
+            entry = self._render(miss, current.body, held)
         return stamped(entry, current.record), status
 
-    def _render(self, miss: Miss, body: bytes, held: Reservation, floor: int) -> CacheEntry:
+    def _render(self, miss: Miss, body: bytes, held: Reservation) -> CacheEntry:
         request, timings = miss.request, miss.timings
         options = RenderOptions(
             width=request.width,
@@ -185,8 +185,7 @@ class ImageService:
         timings.memory_estimate = cost.peak_bytes
         # Never-fits is a 400 at once (inside grow); a render whose estimated time would end
         # past the deadline never starts (admission.render).
-        held.grow_to(len(body) + max(floor, cost.peak_bytes),
-                     miss.deadline - self.admission.estimate_seconds(cost.work_units))
+        held.grow_to(len(body) + cost.peak_bytes, miss.deadline - self.admission.estimate_seconds(cost.work_units))
         rendered = self.admission.render(timed_render, miss.deadline, cost.work_units)
         return CacheEntry(
             status=200,

@@ -50,6 +50,14 @@ MB = 1024 * 1024
 #: Bytes a render of a ~1 MP source needs beyond its per-pixel terms (Python objects, codec
 #: contexts: SVT-AV1 sets up ~12 MB of its own), per output format.
 FIXED: dict[str, int] = {"webp": 12 * MB, "avif": 26 * MB}
+#: What a miss reserves before its fetch, known from the request alone: a small miss's whole
+#: need, body and render (a w=320 WebP of the shared photos: body up to 3 MB + peak 14-18 MB by
+#: this model; w=640 AVIF mostly 35-47 MB), so most small misses never grow. Growing is where
+#: requests that already hold bytes keep each other out beside a big render that holds most of
+#: the budget: with the render's fixed part reserved first and the body on top, three
+#: thumbnails beside a 1.3 GB render held all the 73 MB left and none could grow by the few
+#: MB its body needed, until the big one ended 12 s later.
+MISS_START: dict[str, int] = {"webp": 24 * MB, "avif": 48 * MB}
 
 #: Bytes per decoded source pixel, per decoder, including the full-size working copies the
 #: pipeline makes for an 8-bit RGB source. GIF, AVIF, BMP and TIFF stills were not measured
