@@ -615,9 +615,11 @@ class Reservation:
 #: A reservation this large, when released, hands glibc's freed heap back to the kernel.
 #: glibc keeps freed memory for reuse (its mmap threshold grows past image-sized buffers after
 #: the first free), so a worker that rendered one 48 MP image kept ~1 GB resident that the
-#: ledger counted as free: the hostile mix peaked at 2,075 MB of a 2,048 MB budget. Small
-#: renders reuse the heap as before; only big ones pay the trim (a few ms).
-TRIM_ABOVE = 128 * 1024 * 1024
+#: ledger counted as free: the hostile mix peaked at 2,075 MB of a 2,048 MB budget (2,039 and
+#: 2,071 MB with the trim from 128 MB up: the other worker's many mid-sized renders kept
+#: theirs). Thumbnails (MISS_START, 24 MB) reuse the heap as before; a trim takes well under a
+#: millisecond beside a render of tens.
+TRIM_ABOVE = 32 * 1024 * 1024
 _libc: ctypes.CDLL | bool | None = None
 
 
