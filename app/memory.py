@@ -616,10 +616,10 @@ class Reservation:
 #: glibc keeps freed memory for reuse (its mmap threshold grows past image-sized buffers after
 #: the first free), so a worker that rendered one 48 MP image kept ~1 GB resident that the
 #: ledger counted as free: the hostile mix peaked at 2,075 MB of a 2,048 MB budget (2,039 and
-#: 2,071 MB with the trim from 128 MB up: the other worker's many mid-sized renders kept
-#: theirs). Thumbnails (MISS_START, 24 MB) reuse the heap as before; a trim takes well under a
-#: millisecond beside a render of tens.
-TRIM_ABOVE = 32 * 1024 * 1024
+#: 2,071 MB with this trim). Trimming from 32 MB up held it better but cost ordinary renders
+#: 20-30 % more CPU (every 640 px AVIF re-faulted its memory: 152 against 117 CPU ms an image;
+#: BENCHMARKS.md), so only renders of 128 MB or more trim.
+TRIM_ABOVE = 128 * 1024 * 1024
 _libc: ctypes.CDLL | bool | None = None
 
 
