@@ -90,6 +90,13 @@ class UpstreamFailed(ProxyError):
     kind = "upstream_failed"
 
 
+class UpstreamRefused(UpstreamFailed):
+    """The upstream answered, with a 4xx other than 404/410 (401, 403, 429, 451...): it is up
+    and said no, so a stale copy is not served for it (SPEC §10: only 5xx, refused or timed out)."""
+
+    kind = "upstream_refused"
+
+
 class TooManyRedirects(UpstreamFailed):
     kind = "too_many_redirects"
 

@@ -46,6 +46,7 @@ from app.errors import (
     SourceTooLarge,
     TooManyRedirects,
     UpstreamFailed,
+    UpstreamRefused,
     UpstreamTimeout,
 )
 from app.guard import AddressPolicy, IPAddress, SourceURL, URLPolicy, parse_source_url
@@ -378,7 +379,8 @@ class Fetcher:
             return response
         if status != 200:
             response.close()
-            raise UpstreamFailed(f"upstream answered {status}")
+            failure = UpstreamRefused if 400 <= status < 500 else UpstreamFailed
+            raise failure(f"upstream answered {status}")
         declared = _declared_length(response)
         if declared is not None and declared > self.max_bytes:
             response.close()

@@ -128,6 +128,20 @@ def test_a_deleted_source_stops_being_served(lifecycle_app, upstream):
     assert gone.status_code == 404 and gone.json["error"]
 
 
+@pytest.mark.parametrize("status", [403, 451])
+def test_an_upstream_that_answers_no_is_answered_not_served_stale(lifecycle_app, upstream, status):
+    # SPEC §10: a stale copy stands in for an upstream that is down (5xx, refused, timed out),
+    # not for one that is up and refuses (a takedown must stop the image being served).
+    client = lifecycle_app.test_client()
+    path = f"validated/{PHOTO}"
+    assert client.get(image_path(upstream, path, w=210)).status_code == 200
+    upstream.failing[PHOTO] = status
+    time.sleep(1.2)
+    refused = client.get(image_path(upstream, path, w=210))
+    assert refused.status_code == 502 and refused.headers.get("X-Cache") != "STALE"
+    assert refused.json["error"] == f"upstream answered {status}"
+
+
 def test_a_changed_source_is_rendered_again_with_new_bytes_and_etag(lifecycle_app, upstream):
     client = lifecycle_app.test_client()
     path = f"validated/{PHOTO}"
