@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -76,3 +77,22 @@ def wait_idle(pids: list[int], quiet: float = 0.5, limit: float = 60.0) -> float
         if cpu_seconds(pids) - before < 0.05 * quiet:
             break
     return time.monotonic() - started
+
+
+def start_holder(url: str, fetches: Callable[[], int], give_up_s: float = 15.0) -> None:
+    """Send a request that takes an image's lock and stalls in its upstream fetch (a
+    slow-first path), in a background thread; return once `fetches()` (the upstream's count
+    for that path) says the fetch began. The request is expected to die with its worker."""
+    import contextlib
+    import threading
+
+    import requests
+
+    def hold() -> None:
+        with contextlib.suppress(requests.RequestException):
+            requests.get(url, timeout=60)
+
+    threading.Thread(target=hold, daemon=True).start()
+    give_up = time.monotonic() + give_up_s
+    while not fetches() and time.monotonic() < give_up:
+        time.sleep(0.05)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from app import signing
@@ -34,14 +34,20 @@ class ImageRequest:
     format: OutputFormat
     #: The client asked for format=auto; the response then varies on Accept.
     negotiated: bool = False
+    #: Worked out once, when the request is made: the fresh-hit layer keeps parsed requests,
+    #: so a hit hashes nothing.
+    _key: CacheKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The source's digest (shared by every variant of one URL, so its keys sit in one
+        # Redis Cluster slot) and the variant's. `negotiated` is left out on purpose:
+        # format=auto answered with AVIF and format=avif are the same bytes, one entry.
+        variant = f"{PIPELINE_VERSION}\n{self.width}\n{self.quality}\n{self.format}"
+        key = CacheKey(source_digest(self.url), hashlib.sha256(variant.encode()).hexdigest())
+        object.__setattr__(self, "_key", key)  # frozen: set once, here
 
     def cache_key(self) -> CacheKey:
-        """The source's digest (shared by every variant of one URL, so its keys sit in one
-        Redis Cluster slot) and the variant's. `negotiated` is left out on purpose:
-        format=auto answered with AVIF and format=avif are the same bytes, one entry."""
-        source = source_digest(self.url)
-        variant = f"{PIPELINE_VERSION}\n{self.width}\n{self.quality}\n{self.format}"
-        return CacheKey(source, hashlib.sha256(variant.encode()).hexdigest())
+        return self._key
 
     @property
     def content_type(self) -> str:

@@ -10,12 +10,10 @@ timeout it configured. `make chaos` measures the same things at realistic sizes.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import random
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
@@ -26,7 +24,7 @@ import requests
 
 from app.embedded_redis import start_embedded_redis
 from tests.conftest import free_port
-from tests.processes import wait_idle
+from tests.processes import start_holder, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -43,14 +41,7 @@ def _start_holder(holder, upstream, path: str) -> None:
     """A request on `holder` that takes the key's lock and fetches `path` (slow-first: the
     first fetch stalls); returns once the upstream has seen that fetch."""
 
-    def hold() -> None:
-        with contextlib.suppress(requests.RequestException):  # its worker is killed
-            requests.get(image(holder, upstream, path, w=200), timeout=60)
-
-    threading.Thread(target=hold, daemon=True).start()
-    give_up = time.monotonic() + 15
-    while not upstream.hits["/" + path] and time.monotonic() < give_up:
-        time.sleep(0.05)
+    start_holder(image(holder, upstream, path, w=200), lambda: upstream.hits["/" + path])
     assert upstream.hits["/" + path] == 1, "the holder is fetching"
 
 

@@ -6,7 +6,6 @@ same scenarios at realistic sizes and prints a table.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ import requests
 
 from app.embedded_redis import start_embedded_redis
 from tests.conftest import free_port
+from tests.processes import start_holder
 
 pytestmark = pytest.mark.e2e
 
@@ -127,14 +127,7 @@ def test_lock_holder_killed_mid_render_is_taken_over_after_the_lock_expires(star
     holder = start_gunicorn(redis_url=redis_server.url, workers="1", lock_expire="3")
     waiter = start_gunicorn(redis_url=redis_server.url, workers="1", lock_expire="3")
     path = "slow-first/30/" + PHOTO
-    def hold() -> None:
-        with contextlib.suppress(requests.RequestException):  # its worker is killed below
-            requests.get(image(holder, upstream, path, w=200), timeout=60)
-
-    threading.Thread(target=hold, daemon=True).start()
-    give_up = time.monotonic() + 10
-    while not upstream.hits["/" + path] and time.monotonic() < give_up:
-        time.sleep(0.05)
+    start_holder(image(holder, upstream, path, w=200), lambda: upstream.hits["/" + path], give_up_s=10)
     assert upstream.hits["/" + path] == 1, "the holder is fetching"
     result: dict[str, object] = {}
 
