@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint fuzz bench soak chaos clean venv install
 
-$(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py app/render/_ssimulacra2.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt

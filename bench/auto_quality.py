@@ -36,7 +36,7 @@ from PIL import Image
 from app.render import AutoQuality, RenderOptions, render
 from app.render.auto_quality import flatten
 from app.render.encode import save, still_arguments
-from app.render.ssimulacra2 import Reference, linear_planes
+from app.render.ssimulacra2 import Reference
 from bench.prepared import prepared_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,12 +139,12 @@ def measure(name: str, data: bytes, fmt: str, width: int, target: float, hint: i
         )
     _, fixed_ms, _ = cpu_render(data, RenderOptions(width=width, quality=75, format=fmt))
     frame = prepared_frames(data, RenderOptions(width=width, quality=75, format=fmt))[0]
-    reference = Reference.of(flatten(frame))
+    reference = Reference(flatten(frame))
     grid = {}
     for q in FIXED_GRID:
         body = save(frame, fmt, still_arguments(fmt, q, frame))
         with Image.open(io.BytesIO(body)) as decoded:
-            grid[q] = (len(body), reference.score(linear_planes(flatten(decoded))))
+            grid[q] = (len(body), reference.score(flatten(decoded)))
     return Row(name, fmt, width, auto.quality, auto.quality_score or 0.0, len(auto.body), auto_ms, fixed_ms, grid,
                encodes, hint, hinted.quality, hinted.quality_score or 0.0, hinted_ms, hinted_encodes)
 

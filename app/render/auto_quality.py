@@ -2,7 +2,7 @@
 
 The candidate is judged against the resized image before encoding (the frame encode()
 receives), both flattened onto white as a page shows them (alpha itself is not scored; WebP
-keeps it lossless and AVIF at the same quality), with the exact SSIMULACRA2 port of
+keeps it lossless and AVIF at the same quality), with the compiled SSIMULACRA2 of
 app/render/ssimulacra2.py. Scores rise with q, closely enough to search by interpolation:
 
 - the first candidate is the hint (the quality found for another width or format of the same
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from app.render.ssimulacra2 import Reference, linear_planes
+from app.render.ssimulacra2 import Reference
 
 #: Where a search without a hint starts, per format: about the median q chosen at the default
 #: target on the corpus (WebP 70-77, AVIF 64-67; BENCHMARKS.md, "q=auto"). AVIF needs fewer q
@@ -73,7 +73,7 @@ def choose_quality(
     """Search the quality for one frame; `encode(q)` gives the encoded bytes at q. `level(q)`
     is the encoder's own quality for q: AVIF's map gives several q one encoder quality, and
     those share one encode (Choice.encodes counts encodes, not probes)."""
-    reference = Reference.of(flatten(frame))
+    reference = Reference(flatten(frame))
     if not reference.scales:
         # A side under 8 px: the metric has no scale to judge it by and would call every q
         # perfect, so the search would walk down to q 1. The start quality, one encode.
@@ -85,7 +85,7 @@ def choose_quality(
         if key not in done:
             body = encode(q)
             with Image.open(io.BytesIO(body)) as decoded:
-                done[key] = body, reference.score(linear_planes(flatten(decoded)))
+                done[key] = body, reference.score(flatten(decoded))
         return done[key]
 
     choice = search(probe, target, hint, start=start)
