@@ -28,23 +28,33 @@ from PIL import Image
 
 from app.render.ssimulacra2 import Reference
 
-#: Where a search without a hint starts, per format: about the median q chosen at the default
-#: target on the corpus (WebP 70-77, AVIF 64-67; BENCHMARKS.md, "q=auto"). AVIF needs fewer q
-#: than WebP for one SSIMULACRA2 score because the quality map equalises luma SSIM, not it.
-START: dict[str, int] = {"webp": 75, "avif": 66}
-DEFAULT_START = 75
-#: Score points per quality step near the targets that matter (WebP and AVIF, 9 photos at 640
-#: and 1920 between q 40 and 95: 0.3-0.7); the first step without a bracket uses it.
-SLOPE = 0.5
-#: Stop once the lowest passing and the highest failing q are this close (about one point).
-TOLERANCE = 2
-#: ...or once a candidate passes by less than this many points: close enough that a lower q
-#: would save little, and it makes a good hint (or START on an average image) one encode.
-CLOSE = 1.0
+#: Where a search without a hint starts, per format: near the median q chosen at the default
+#: target on the corpus (BENCHMARKS.md, "q=auto": WebP 70-77, AVIF 64-68), picked with the other
+#: constants below by replaying searches over every corpus image's score curve.
+START: dict[str, int] = {"webp": 72, "avif": 70}
+DEFAULT_START = 72
+#: Score points per quality step, by quality band: the median slope of the SSIMULACRA2 curve
+#: where it crosses scores 60-80, over the corpus's WebP and AVIF curves at 640 and 1920 (635
+#: segments of 5 q). Flattest in the middle, where most images find their target.
+SLOPES: tuple[tuple[int, float], ...] = ((20, 0.7), (40, 0.55), (80, 0.35), (1000, 0.75))
+#: A step from one side aims this far past the target, so the next candidate tends to pass and
+#: end the search instead of landing just below it.
+MARGIN = 1.0
+#: Stop once the lowest passing and the highest failing q are this close...
+TOLERANCE = 4
+#: ...or once a candidate passes by less than this many points. Wider than a point on purpose:
+#: every extra candidate costs an encode and a score, and a few q more cost a few % of bytes
+#: (on the corpus: 1.04-1.08x the bytes of the lowest passing q, for 2 candidates at the median
+#: instead of 3; BENCHMARKS.md).
+CLOSE = 4.0
 #: The most candidates one search encodes, so a miss costs a bounded multiple of a fixed q.
 MAX_ENCODES = 6
 TOP = 100
 BOTTOM = 1
+
+
+def slope_near(q: float) -> float:
+    return next(slope for below, slope in SLOPES if q < below)
 
 
 @dataclass(frozen=True)
@@ -120,14 +130,15 @@ def search(
 
 
 def _next(tried: dict[int, tuple[bytes, float]], passing: int, failing: int, target: float) -> int:
+    aim = target + MARGIN
     if failing >= BOTTOM and passing <= TOP:
         low, high = tried[failing][1], tried[passing][1]
         slope = (high - low) / (passing - failing)
-        guess = failing + (target - low) / slope if slope > 0 else (failing + passing) / 2
+        guess = failing + (aim - low) / slope if slope > 0 else (failing + passing) / 2
         # Inside the bracket and off its ends, so every probe narrows it.
         return int(min(passing - 1, max(failing + 1, round(guess))))
-    if passing <= TOP:  # only passes so far: step down
-        gap = tried[passing][1] - target
-        return max(BOTTOM, passing - max(TOLERANCE, round(gap / SLOPE)))
-    gap = target - tried[failing][1]  # only failures so far: step up
-    return min(TOP, failing + max(TOLERANCE, round(gap / SLOPE)))
+    if passing <= TOP:  # only passes so far: step down, by the slope half a typical step below
+        gap = tried[passing][1] - aim
+        return max(BOTTOM, passing - max(TOLERANCE, round(gap / slope_near(passing - 8))))
+    gap = aim - tried[failing][1]  # only failures so far: step up
+    return min(TOP, failing + max(TOLERANCE, round(gap / slope_near(failing + 8))))

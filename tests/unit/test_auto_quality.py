@@ -14,8 +14,8 @@ from app.image.quality_meta import AUTO_QUALITY, quality_meta
 from app.image.serve import Served
 from app.image.views import image_headers
 from app.render import AutoQuality, RenderOptions, render
-from app.render.auto_quality import CLOSE, MAX_ENCODES, TOLERANCE, TOP, flatten, search
-from app.render.ssimulacra2 import ssimulacra2
+from app.render.auto_quality import CLOSE, MAX_ENCODES, START, TOLERANCE, TOP, flatten, search
+from app.render.ssimulacra2 import Reference, ssimulacra2
 
 # app.render re-exports the encode() step under the module's name.
 encode_module = importlib.import_module("app.render.encode")
@@ -76,6 +76,52 @@ def test_metric_ranks_identical_above_distorted():
     )
 
 
+@pytest.mark.parametrize("size", [(8, 8), (9, 15), (17, 8), (640, 9)])
+def test_metric_agrees_with_the_reference_package_at_the_smallest_scales(size):
+    """At 8 px a side the metric has one scale; odd sides end the 2x2 averaging at an edge."""
+    reference_package = pytest.importorskip("ssimulacra2")
+    reference = photo_like(*size, seed=3)
+    distorted = encoded(reference, format="WEBP", quality=50)
+    expected = reference_package.compute_ssimulacra2(io.BytesIO(png(reference)), io.BytesIO(png(distorted)))
+    assert ssimulacra2(reference, distorted) == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 300), (300, 7)])
+def test_an_image_under_8_px_a_side_has_no_scale_and_scores_100(size):
+    reference = Reference(photo_like(*size))
+    assert reference.scales == 0
+    assert reference.score(Image.new("RGB", size, (0, 0, 0))) == 100.0
+
+
+def test_the_metric_refuses_what_it_cannot_score():
+    reference = Reference(photo_like(64, 48))
+    with pytest.raises(ValueError, match="sizes differ"):
+        reference.score(photo_like(48, 64))
+    with pytest.raises(ValueError, match="RGB"):
+        reference.score(photo_like(64, 48, mode="L"))
+    compiled = importlib.import_module("app.render._ssimulacra2")
+    with pytest.raises(ValueError, match="bytes of RGB"):
+        compiled.Reference(b"\0" * 10, 2, 2)  # 12 expected
+    with pytest.raises(ValueError, match="bad size"):
+        compiled.Reference(b"", 0, 5)
+    prepared = compiled.Reference(bytes(64 * 48 * 3), 64, 48)
+    with pytest.raises(ValueError, match="bytes of RGB"):
+        prepared.score(bytes(64 * 48 * 3 - 1))
+
+
+def test_threads_scoring_one_reference_at_once_get_the_scores_of_one_at_a_time():
+    """Each score keeps its working set apart (the compiled code runs without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = photo_like(320, 240)
+    candidates = [encoded(image, format="WEBP", quality=q) for q in (10, 30, 50, 70, 90) * 4]
+    alone = [ssimulacra2(image, candidate) for candidate in candidates]
+    reference = Reference(image)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(reference.score, candidates))
+    assert together == alone
+
+
 def test_flatten_puts_transparency_over_white():
     image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert flatten(image).getpixel((0, 0)) == (255, 255, 255)
@@ -123,8 +169,12 @@ def test_a_good_hint_needs_one_probe_and_a_high_one_two():
     assert search(curve, 60.0, hint=76).quality == 76  # 60.8: passes by less than CLOSE
     assert curve.probes == [76]
     curve = Curve(lambda q: 0.8 * q)
-    choice = search(curve, 60.0, hint=78)  # 62.4 passes by more: a lower q is tried
-    assert choice.quality in (75, 76)  # 75 is the lowest passing q (60.0)
+    assert search(curve, 60.0, hint=79).quality == 79  # 63.2: still within CLOSE
+    assert curve.probes == [79]
+    curve = Curve(lambda q: 0.8 * q)
+    choice = search(curve, 60.0, hint=85)  # 68.0 passes by more than CLOSE: a lower q is tried
+    assert choice.quality in range(75, 80)  # 75 is the lowest passing q (60.0)
+    assert choice.score < 60.0 + CLOSE
     assert len(curve.probes) <= 3
 
 
@@ -132,7 +182,7 @@ def test_close_enough_never_stops_on_a_failing_candidate():
     curve = Curve(lambda q: 0.8 * q)
     choice = search(curve, 60.0, hint=74)  # 59.2 fails, however close
     assert curve.probes[0] == 74 and len(curve.probes) >= 2
-    assert choice.score >= 60.0 and choice.quality in (75, 76)
+    assert 60.0 <= choice.score < 60.0 + CLOSE and choice.quality >= 75
 
 
 # -- through render() -----------------------------------------------------------------------
@@ -186,7 +236,7 @@ def test_render_q_auto_with_the_right_hint_encodes_at_most_twice(monkeypatch):
 def test_an_output_too_small_to_judge_gets_the_start_quality(monkeypatch, size):
     saves = CountingSave(monkeypatch)
     rendered = render(png(photo_like(*size)), RenderOptions(width=0, quality=AutoQuality(70.0), format="webp"))
-    assert rendered.quality == 75 and saves.calls == 1
+    assert rendered.quality == START["webp"] and saves.calls == 1
 
 
 def test_animation_is_searched_on_its_first_frame_and_encoded_once_more(monkeypatch):
