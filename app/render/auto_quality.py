@@ -32,6 +32,9 @@ from app.render.ssimulacra2 import Reference
 #: target on the corpus (BENCHMARKS.md, "q=auto": WebP 70-77, AVIF 64-68), picked with the other
 #: constants below by replaying searches over every corpus image's score curve.
 START: dict[str, int] = {"webp": 72, "avif": 70}
+#: ...and for outputs over ENCODER.webp_small_pixels, which WebP encodes with method 4 instead of
+#: 2: its curves cross the target higher (median q 76-80 at w=1920 against 72 at 640).
+START_LARGE: dict[str, int] = {"webp": 78, "avif": 70}
 DEFAULT_START = 72
 #: Score points per quality step, by quality band: the median slope of the SSIMULACRA2 curve
 #: where it crosses scores 60-80, over the corpus's WebP and AVIF curves at 640 and 1920 (635

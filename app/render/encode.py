@@ -17,7 +17,7 @@ import pillow_avif  # noqa: F401  (registers the AVIF plugin with its aom/rav1e/
 from PIL import Image
 
 from app.errors import BadSource
-from app.render.auto_quality import START, choose_quality
+from app.render.auto_quality import START, START_LARGE, choose_quality
 from app.render.canvas import AutoQuality, Canvas, Frame, RenderOptions
 
 log = logging.getLogger("image_proxy.render")
@@ -153,7 +153,7 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
             options.quality.target,
             options.quality_hint,
             level=avif_quality if options.format == "avif" else int,
-            start=START[options.format],
+            start=(START if first.width * first.height <= ENCODER.webp_small_pixels else START_LARGE)[options.format],
         )
         canvas.quality, canvas.quality_score = choice.quality, round(float(choice.score), 2)
         if not animated:
