@@ -10,11 +10,13 @@
  * - the 2x2 downsampling averages what is there at an odd edge;
  * - an image with fewer than six scales of at least 8x8 pixels takes the weights in the order of
  *   the loop.
- * It runs on float32 planes, with sums in double, one row at a time through both blur passes so
- * that a plane is read from memory once per blur, and without the GIL.
+ * It runs on float32 planes, with sums in double, streaming: each output row of the blurs is
+ * made, compared and summed before the next, so no plane but the reference's is ever written
+ * (see blur rows below), and without the GIL.
  *
  * A Reference keeps, per scale, the reference's XYB planes and what every candidate is compared
- * with (their blur, variance and detail), so scoring a candidate costs three blurs per plane.
+ * with (their blur and local variance: 36 bytes a pixel, 48 over all scales), so scoring a
+ * candidate costs three blurs per plane and 15 bytes a pixel of working memory.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -99,25 +101,67 @@ static inline float cbrt_positive(float x) {
     return y;
 }
 
-/* Linear RGB planes -> the positive XYB the metric works in, `n` pixels. */
+/* Linear RGB -> the positive XYB the metric works in, one pixel. Linear light is never negative
+ * and the mix has no negative weight, so every m is at least `bias`: the reference's clamp at 0
+ * never acts, and the cube root's argument is positive. */
+static inline void xyb_of(float r, float g, float b, float *x, float *yy, float *bb) {
+    float m0 = opsin[0][0] * r + opsin[0][1] * g + opsin[0][2] * b + bias;
+    float m1 = opsin[1][0] * r + opsin[1][1] * g + opsin[1][2] * b + bias;
+    float m2 = opsin[2][0] * r + opsin[2][1] * g + opsin[2][2] * b + bias;
+    m0 = cbrt_positive(m0) - cbrt_bias;
+    m1 = cbrt_positive(m1) - cbrt_bias;
+    m2 = cbrt_positive(m2) - cbrt_bias;
+    float y = (m0 + m1) * 0.5f;
+    *x = (m0 - m1) * 7.0f + 0.42f;
+    *yy = y + 0.01f;
+    *bb = (m2 - y) + 0.55f;
+}
+
+/* Scale 0: packed RGB bytes -> XYB planes, and the next scale's linear planes (the 2x2 average of
+ * the linear values; an odd edge averages what it has), so that no full-size linear plane is
+ * ever stored. */
+HOT static void first_scale(const unsigned char *restrict rgb, int h, int w, float *const xyb[3],
+                            float *const half[3]) {
+    for (size_t i = 0, n = (size_t)h * w; i < n; i++)
+        xyb_of(linear_of[rgb[3 * i]], linear_of[rgb[3 * i + 1]], linear_of[rgb[3 * i + 2]], &xyb[0][i],
+               &xyb[1][i], &xyb[2][i]);
+    if (!half) return;
+    int oh = (h + 1) / 2, ow = (w + 1) / 2;
+    for (int y = 0; y < oh; y++) {
+        const unsigned char *r0 = rgb + (size_t)(2 * y) * w * 3;
+        const unsigned char *r1 = rgb + (size_t)(2 * y + 1 < h ? 2 * y + 1 : 2 * y) * w * 3;
+        for (int x = 0; x < ow; x++) {
+            int x0 = 2 * x * 3, x1 = (2 * x + 1 < w ? 2 * x + 1 : 2 * x) * 3;
+            for (int c = 0; c < 3; c++)
+                half[c][(size_t)y * ow + x] =
+                    (linear_of[r0[x0 + c]] + linear_of[r1[x0 + c]] + linear_of[r0[x1 + c]] + linear_of[r1[x1 + c]]) *
+                    0.25f;
+        }
+    }
+}
+
+/* Later scales: linear planes -> XYB planes. */
 HOT static void to_xyb(float *const lin[3], float *const out[3], size_t n) {
     const float *restrict r = lin[0], *restrict g = lin[1], *restrict b = lin[2];
     float *restrict x = out[0], *restrict yy = out[1], *restrict bb = out[2];
 #pragma omp simd
-    for (size_t i = 0; i < n; i++) {
-        float m0 = opsin[0][0] * r[i] + opsin[0][1] * g[i] + opsin[0][2] * b[i] + bias;
-        float m1 = opsin[1][0] * r[i] + opsin[1][1] * g[i] + opsin[1][2] * b[i] + bias;
-        float m2 = opsin[2][0] * r[i] + opsin[2][1] * g[i] + opsin[2][2] * b[i] + bias;
-        /* Linear light is never negative and the mix has no negative weight, so every m is at
-         * least `bias`: the reference's clamp at 0 never acts, and the cube root's argument is
-         * positive. */
-        m0 = cbrt_positive(m0) - cbrt_bias;
-        m1 = cbrt_positive(m1) - cbrt_bias;
-        m2 = cbrt_positive(m2) - cbrt_bias;
-        float y = (m0 + m1) * 0.5f;
-        x[i] = (m0 - m1) * 7.0f + 0.42f;
-        yy[i] = y + 0.01f;
-        bb[i] = (m2 - y) + 0.55f;
+    for (size_t i = 0; i < n; i++) xyb_of(r[i], g[i], b[i], &x[i], &yy[i], &bb[i]);
+}
+
+/* 2x2 box average of h x w planes, in place (an output element never lies past the inputs it
+ * is made of); an odd edge averages what it has. */
+static void downsample(float *const planes[3], int h, int w) {
+    int oh = (h + 1) / 2, ow = (w + 1) / 2;
+    for (int c = 0; c < 3; c++) {
+        for (int y = 0; y < oh; y++) {
+            const float *r0 = planes[c] + (size_t)(2 * y) * w;
+            const float *r1 = planes[c] + (size_t)(2 * y + 1 < h ? 2 * y + 1 : 2 * y) * w;
+            float *dst = planes[c] + (size_t)y * ow;
+            for (int x = 0; x < ow; x++) {
+                int x0 = 2 * x, x1 = 2 * x + 1 < w ? 2 * x + 1 : 2 * x;
+                dst[x] = (r0[x0] + r1[x0] + r0[x1] + r1[x1]) * 0.25f;
+            }
+        }
     }
 }
 
@@ -129,54 +173,145 @@ static inline int mirror(int y, int h) {
     return y;
 }
 
-/* Gaussian blur of one h x w plane into `out`; `row` is scratch of w + 2 * RADIUS floats.
- * Each pass is one loop over a row with the 11 taps written out, so a row is read from the
- * cache once per pass and the loop vectorises. */
-HOT static void blur(const float *restrict in, float *restrict out, int h, int w, float *restrict row) {
+/* The blur, one output row at a time. The vertical pass sums the 11 rows around it (mirrored at
+ * the top and bottom) into a row padded with zeros, which the horizontal pass then reads; the
+ * squares and products the variances blur are made once per input row into a ring of the 11 rows
+ * in reach. Nothing but the planes the reference keeps is written to memory: a 1920 px image's
+ * planes are far larger than the caches, and writing and re-reading whole planes of blurs and
+ * products cost more than the arithmetic. */
+static inline void vertical(const float *const rows[TAPS], float *restrict dst, int w) {
     const float t0 = taps[0], t1 = taps[1], t2 = taps[2], t3 = taps[3], t4 = taps[4], t5 = taps[5];
-    float *restrict padded = row + RADIUS;
-    for (int i = 0; i < RADIUS; i++) row[i] = row[RADIUS + w + i] = 0.0f;
-    for (int y = 0; y < h; y++) {
-        const float *restrict a0 = in + (size_t)mirror(y - 5, h) * w, *restrict b0 = in + (size_t)mirror(y + 5, h) * w;
-        const float *restrict a1 = in + (size_t)mirror(y - 4, h) * w, *restrict b1 = in + (size_t)mirror(y + 4, h) * w;
-        const float *restrict a2 = in + (size_t)mirror(y - 3, h) * w, *restrict b2 = in + (size_t)mirror(y + 3, h) * w;
-        const float *restrict a3 = in + (size_t)mirror(y - 2, h) * w, *restrict b3 = in + (size_t)mirror(y + 2, h) * w;
-        const float *restrict a4 = in + (size_t)mirror(y - 1, h) * w, *restrict b4 = in + (size_t)mirror(y + 1, h) * w;
-        const float *restrict centre = in + (size_t)y * w;
 #pragma omp simd
-        for (int x = 0; x < w; x++)
-            padded[x] = centre[x] * t5 + (a0[x] + b0[x]) * t0 + (a1[x] + b1[x]) * t1 + (a2[x] + b2[x]) * t2 +
-                        (a3[x] + b3[x]) * t3 + (a4[x] + b4[x]) * t4;
-        float *restrict dst = out + (size_t)y * w;
-        for (int x = 0; x < w; x++) dst[x] = padded[x] * t5;
-        for (int k = 0; k < RADIUS; k++) {
-            const float t = taps[k];
-            const float *left = row + k, *right = row + 2 * RADIUS - k;
-            for (int x = 0; x < w; x++) dst[x] += (left[x] + right[x]) * t;
-        }
+    for (int x = 0; x < w; x++)
+        dst[x] = rows[5][x] * t5 + (rows[0][x] + rows[10][x]) * t0 + (rows[1][x] + rows[9][x]) * t1 +
+                 (rows[2][x] + rows[8][x]) * t2 + (rows[3][x] + rows[7][x]) * t3 + (rows[4][x] + rows[6][x]) * t4;
+}
+
+/* `padded` holds w values after RADIUS zeros, and RADIUS zeros after them. */
+static inline void horizontal(const float *restrict padded, float *restrict dst, int w) {
+    for (int x = 0; x < w; x++) dst[x] = padded[x + RADIUS] * taps[RADIUS];
+    for (int k = 0; k < RADIUS; k++) {
+        const float t = taps[k];
+        const float *left = padded + k, *right = padded + 2 * RADIUS - k;
+        for (int x = 0; x < w; x++) dst[x] += (left[x] + right[x]) * t;
     }
 }
 
-/* 2x2 box average of h x w planes into (h+1)/2 x (w+1)/2, in place (an output element never
- * lies past the inputs it is made of); an odd edge averages what it has. */
-static void downsample(float *const in[3], float *const out[3], int h, int w) {
-    int oh = (h + 1) / 2, ow = (w + 1) / 2;
-    for (int c = 0; c < 3; c++) {
-        for (int y = 0; y < oh; y++) {
-            const float *r0 = in[c] + (size_t)(2 * y) * w;
-            const float *r1 = in[c] + (size_t)(2 * y + 1 < h ? 2 * y + 1 : 2 * y) * w;
-            float *dst = out[c] + (size_t)y * ow;
-            for (int x = 0; x < ow; x++) {
-                int x0 = 2 * x, x1 = 2 * x + 1 < w ? 2 * x + 1 : 2 * x;
-                dst[x] = (r0[x0] + r1[x0] + r0[x1] + r1[x1]) * 0.25f;
+/* Floats of row scratch a plane of width w needs: 3 padded rows, a ring of 11 rows for each of
+ * 2 products, and 3 output rows. */
+static size_t row_floats(int w) { return 3 * ((size_t)w + 2 * RADIUS) + 2 * TAPS * (size_t)w + 3 * (size_t)w; }
+
+typedef struct {
+    float *padded[3], *ring[2], *out[3];
+    int w;
+} Rows;
+
+static void rows_layout(Rows *rows, float *base, int w) {
+    rows->w = w;
+    for (int i = 0; i < 3; i++) {
+        rows->padded[i] = base;
+        memset(base, 0, RADIUS * sizeof(float));
+        memset(base + RADIUS + w, 0, RADIUS * sizeof(float));
+        base += w + 2 * RADIUS;
+    }
+    for (int i = 0; i < 2; i++, base += TAPS * (size_t)w) rows->ring[i] = base;
+    for (int i = 0; i < 3; i++, base += w) rows->out[i] = base;
+}
+
+/* One reference plane of one scale: its blur `mu` and local variance `sigma`. */
+HOT static void prepare_plane(const float *img, float *mu, float *sigma, int h, int w, Rows *rows) {
+    float *square = rows->ring[0];
+    int ready = 0; /* rows of the ring made so far */
+    for (int y = 0; y < h; y++) {
+        for (; ready < h && ready <= y + RADIUS; ready++) {
+            const float *src = img + (size_t)ready * w;
+            float *dst = square + (size_t)(ready % TAPS) * w;
+            for (int x = 0; x < w; x++) dst[x] = src[x] * src[x];
+        }
+        const float *around[TAPS], *around_sq[TAPS];
+        for (int i = 0; i < TAPS; i++) {
+            int src = mirror(y + i - RADIUS, h);
+            around[i] = img + (size_t)src * w;
+            around_sq[i] = square + (size_t)(src % TAPS) * w;
+        }
+        vertical(around, rows->padded[0] + RADIUS, w);
+        vertical(around_sq, rows->padded[1] + RADIUS, w);
+        float *m = mu + (size_t)y * w, *v = sigma + (size_t)y * w;
+        horizontal(rows->padded[0], m, w);
+        horizontal(rows->padded[1], v, w);
+        for (int x = 0; x < w; x++) v[x] -= m[x] * m[x];
+    }
+}
+
+/* The mean and the 4th root of the mean 4th power, summed. */
+typedef struct {
+    double sum, sum4;
+} Norm;
+
+/* One plane of one scale of a candidate against the reference's: the SSIM error map and the
+ * detail ratio, row by row, into their norms: float sums over a row (vectorised), double across
+ * rows. */
+HOT static void compare_plane(const float *img1, const float *mu1, const float *sigma1, const float *img2, int h,
+                              int w, Rows *rows, Norm *error, Norm *up, Norm *down) {
+    float *square = rows->ring[0], *product = rows->ring[1];
+    float *mu2 = rows->out[0], *s22 = rows->out[1], *s12 = rows->out[2];
+    int ready = 0;
+    for (int y = 0; y < h; y++) {
+        for (; ready < h && ready <= y + RADIUS; ready++) {
+            const float *a = img1 + (size_t)ready * w, *b = img2 + (size_t)ready * w;
+            float *sq = square + (size_t)(ready % TAPS) * w, *pr = product + (size_t)(ready % TAPS) * w;
+            for (int x = 0; x < w; x++) {
+                sq[x] = b[x] * b[x];
+                pr[x] = a[x] * b[x];
             }
         }
+        const float *around[TAPS], *around_sq[TAPS], *around_pr[TAPS];
+        for (int i = 0; i < TAPS; i++) {
+            int src = mirror(y + i - RADIUS, h);
+            around[i] = img2 + (size_t)src * w;
+            around_sq[i] = square + (size_t)(src % TAPS) * w;
+            around_pr[i] = product + (size_t)(src % TAPS) * w;
+        }
+        vertical(around, rows->padded[0] + RADIUS, w);
+        vertical(around_sq, rows->padded[1] + RADIUS, w);
+        vertical(around_pr, rows->padded[2] + RADIUS, w);
+        horizontal(rows->padded[0], mu2, w);
+        horizontal(rows->padded[1], s22, w);
+        horizontal(rows->padded[2], s12, w);
+        const float *restrict i1 = img1 + (size_t)y * w, *restrict m1 = mu1 + (size_t)y * w;
+        const float *restrict v1 = sigma1 + (size_t)y * w, *restrict i2 = img2 + (size_t)y * w;
+        float d1 = 0, d4 = 0, u1 = 0, u4 = 0, n1 = 0, n4 = 0;
+#pragma omp simd reduction(+ : d1, d4, u1, u4, n1, n4)
+        for (int x = 0; x < w; x++) {
+            float diff = m1[x] - mu2[x];
+            float num_m = 1.0f - diff * diff;
+            float num_s = 2.0f * (s12[x] - m1[x] * mu2[x]) + c2;
+            float denom_s = v1[x] + (s22[x] - mu2[x] * mu2[x]) + c2;
+            float d = POSITIVE_PART(1.0f - num_m * num_s / denom_s);
+            float ratio = (1.0f + fabsf(i2[x] - mu2[x])) / (1.0f + fabsf(i1[x] - m1[x])) - 1.0f;
+            float u = POSITIVE_PART(ratio), v = POSITIVE_PART(-ratio);
+            d1 += d;
+            u1 += u;
+            n1 += v;
+            d *= d;
+            u *= u;
+            v *= v;
+            d4 += d * d;
+            u4 += u * u;
+            n4 += v * v;
+        }
+        error->sum += d1;
+        error->sum4 += d4;
+        up->sum += u1;
+        up->sum4 += u4;
+        down->sum += n1;
+        down->sum4 += n4;
     }
 }
 
 typedef struct {
     int h, w;
-    float *xyb[3], *mu[3], *sigma[3], *detail[3];
+    float *xyb[3], *mu[3], *sigma[3];
 } Scale;
 
 typedef struct {
@@ -191,15 +326,6 @@ typedef struct {
     int busy;
 } ReferenceObject;
 
-/* Linear-light planes (3 x h x w) of packed RGB bytes. */
-static void linear_planes(const unsigned char *rgb, float *const out[3], size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        out[0][i] = linear_of[rgb[3 * i]];
-        out[1][i] = linear_of[rgb[3 * i + 1]];
-        out[2][i] = linear_of[rgb[3 * i + 2]];
-    }
-}
-
 static int count_scales(int h, int w) {
     int n = 0;
     while (n < NUM_SCALES && h >= MIN_SIDE && w >= MIN_SIDE) {
@@ -210,135 +336,71 @@ static int count_scales(int h, int w) {
     return n;
 }
 
-/* Floats a working set needs: the linear planes (downsampled in place from scale to scale),
- * the candidate's XYB planes, four planes of scratch and a padded row. */
+/* Floats a working set needs: the candidate's XYB planes at full size, the linear planes from
+ * the second scale on (downsampled in place from scale to scale), and the row scratch. */
 static size_t work_floats(int h, int w) {
-    size_t n = (size_t)h * w;
-    return 3 * n + 3 * n + 4 * n + (size_t)w + 2 * RADIUS;
+    size_t n = (size_t)h * w, half = (size_t)((h + 1) / 2) * ((w + 1) / 2);
+    return 3 * n + 3 * half + row_floats(w);
 }
 
 typedef struct {
-    float *lin[3], *xyb[3], *t[4], *row;
+    float *xyb[3], *lin[3];
+    Rows rows;
 } Work;
 
 static void work_layout(Work *work, float *base, int h, int w) {
-    size_t n = (size_t)h * w;
-    for (int c = 0; c < 3; c++) work->lin[c] = base + c * n;
-    base += 3 * n;
+    size_t n = (size_t)h * w, half = (size_t)((h + 1) / 2) * ((w + 1) / 2);
     for (int c = 0; c < 3; c++) work->xyb[c] = base + c * n;
     base += 3 * n;
-    for (int i = 0; i < 4; i++) work->t[i] = base + i * n;
-    base += 4 * n;
-    work->row = base;
+    for (int c = 0; c < 3; c++) work->lin[c] = base + c * half;
+    base += 3 * half;
+    rows_layout(&work->rows, base, w);
+}
+
+/* The XYB planes of every scale in turn: scale 0 from the bytes, later ones from the linear
+ * planes, which are downsampled for the next. `into(s)` says where scale s's planes go. */
+static void next_xyb(Work *work, int s, int scales, const unsigned char *rgb, int h, int w, float *const xyb[3]) {
+    if (s == 0) {
+        first_scale(rgb, h, w, xyb, scales > 1 ? work->lin : NULL);
+        return;
+    }
+    to_xyb(work->lin, xyb, (size_t)h * w);
+    if (s + 1 < scales) downsample(work->lin, h, w);
 }
 
 static void prepare(ReferenceObject *self, const unsigned char *rgb, float *scratch) {
     Work work;
-    int h = self->h, w = self->w;
-    work_layout(&work, scratch, h, w);
-    linear_planes(rgb, work.lin, (size_t)h * w);
+    work_layout(&work, scratch, self->h, self->w);
     for (int s = 0; s < self->scales; s++) {
         Scale *scale = &self->scale[s];
-        size_t n = (size_t)h * w;
-        to_xyb(work.lin, scale->xyb, n);
-        for (int c = 0; c < 3; c++) {
-            const float *img = scale->xyb[c];
-            float *mu = scale->mu[c], *sigma = scale->sigma[c], *detail = scale->detail[c];
-            float *square = work.t[0];
-            blur(img, mu, h, w, work.row);
-            for (size_t i = 0; i < n; i++) square[i] = img[i] * img[i];
-            blur(square, sigma, h, w, work.row);
-            for (size_t i = 0; i < n; i++) {
-                sigma[i] -= mu[i] * mu[i];
-                detail[i] = 1.0f + fabsf(img[i] - mu[i]);
-            }
-        }
-        if (s + 1 < self->scales) {
-            downsample(work.lin, work.lin, h, w);
-            h = (h + 1) / 2;
-            w = (w + 1) / 2;
-        }
-    }
-}
-
-/* The mean and the 4th root of the mean 4th power of `n` values. */
-typedef struct {
-    double sum, sum4;
-} Norm;
-
-/* One plane of one scale: the SSIM error map and the detail ratio, element-wise, into `error`
- * and `ratio` (which may be s22: each element is read before it is written), then their norms:
- * float sums over a row (vectorised), double across rows. */
-HOT static void compare(const float *img1, const float *mu1, const float *sigma1, const float *detail,
-                        const float *img2, const float *mu2, const float *s22, const float *s12,
-                        float *error, float *ratio, int h, int w, Norm *d_norm, Norm *up, Norm *down) {
-    size_t n = (size_t)h * w;
-#pragma omp simd
-    for (size_t i = 0; i < n; i++) {
-        float diff = mu1[i] - mu2[i];
-        float num_m = 1.0f - diff * diff;
-        float num_s = 2.0f * (s12[i] - mu1[i] * mu2[i]) + c2;
-        float denom_s = sigma1[i] + (s22[i] - mu2[i] * mu2[i]) + c2;
-        error[i] = POSITIVE_PART(1.0f - num_m * num_s / denom_s);
-        ratio[i] = (1.0f + fabsf(img2[i] - mu2[i])) / detail[i] - 1.0f;
-    }
-    for (size_t start = 0; start < n; start += (size_t)w) {
-        float d1 = 0, d4 = 0, u1 = 0, u4 = 0, n1 = 0, n4 = 0;
-        const float *restrict e = error + start, *restrict r = ratio + start;
-#pragma omp simd reduction(+ : d1, d4, u1, u4, n1, n4)
-        for (int x = 0; x < w; x++) {
-            float d = e[x], u = POSITIVE_PART(r[x]), v = POSITIVE_PART(-r[x]);
-            d1 += d;
-            u1 += u;
-            n1 += v;
-            d *= d;
-            u *= u;
-            v *= v;
-            d4 += d * d;
-            u4 += u * u;
-            n4 += v * v;
-        }
-        d_norm->sum += d1;
-        d_norm->sum4 += d4;
-        up->sum += u1;
-        up->sum4 += u4;
-        down->sum += n1;
-        down->sum4 += n4;
+        next_xyb(&work, s, self->scales, rgb, scale->h, scale->w, scale->xyb);
+        work.rows.w = scale->w;
+        rows_layout(&work.rows, work.rows.padded[0], scale->w);
+        for (int c = 0; c < 3; c++)
+            prepare_plane(scale->xyb[c], scale->mu[c], scale->sigma[c], scale->h, scale->w, &work.rows);
     }
 }
 
 static double score_candidate(const ReferenceObject *self, const unsigned char *rgb, float *scratch) {
     Work work;
-    int h = self->h, w = self->w;
     double ssim[NUM_SCALES][6], edge[NUM_SCALES][12];
-    work_layout(&work, scratch, h, w);
-    linear_planes(rgb, work.lin, (size_t)h * w);
+    work_layout(&work, scratch, self->h, self->w);
     for (int s = 0; s < self->scales; s++) {
         const Scale *scale = &self->scale[s];
+        int h = scale->h, w = scale->w;
         size_t n = (size_t)h * w;
-        to_xyb(work.lin, work.xyb, n);
+        next_xyb(&work, s, self->scales, rgb, h, w, work.xyb);
+        rows_layout(&work.rows, work.rows.padded[0], w);
         for (int c = 0; c < 3; c++) {
-            const float *img1 = scale->xyb[c], *mu1 = scale->mu[c], *sigma1 = scale->sigma[c];
-            const float *detail = scale->detail[c], *img2 = work.xyb[c];
-            float *mu2 = work.t[0], *s22 = work.t[1], *s12 = work.t[2], *product = work.t[3];
-            blur(img2, mu2, h, w, work.row);
-            for (size_t i = 0; i < n; i++) product[i] = img2[i] * img2[i];
-            blur(product, s22, h, w, work.row);
-            for (size_t i = 0; i < n; i++) product[i] = img1[i] * img2[i];
-            blur(product, s12, h, w, work.row);
-            Norm d_norm = {0, 0}, up = {0, 0}, down = {0, 0};
-            compare(img1, mu1, sigma1, detail, img2, mu2, s22, s12, work.t[3], work.t[1], h, w, &d_norm, &up, &down);
-            ssim[s][2 * c] = d_norm.sum / n;
-            ssim[s][2 * c + 1] = pow(d_norm.sum4 / n, 0.25);
+            Norm error = {0, 0}, up = {0, 0}, down = {0, 0};
+            compare_plane(scale->xyb[c], scale->mu[c], scale->sigma[c], work.xyb[c], h, w, &work.rows, &error, &up,
+                          &down);
+            ssim[s][2 * c] = error.sum / n;
+            ssim[s][2 * c + 1] = pow(error.sum4 / n, 0.25);
             edge[s][4 * c] = up.sum / n;
             edge[s][4 * c + 1] = pow(up.sum4 / n, 0.25);
             edge[s][4 * c + 2] = down.sum / n;
             edge[s][4 * c + 3] = pow(down.sum4 / n, 0.25);
-        }
-        if (s + 1 < self->scales) {
-            downsample(work.lin, work.lin, h, w);
-            h = (h + 1) / 2;
-            w = (w + 1) / 2;
         }
     }
     double total = 0.0;
@@ -398,7 +460,7 @@ static int Reference_init(ReferenceObject *self, PyObject *args, PyObject *kwarg
     self->scales = count_scales(h, w);
     size_t kept = 0;
     for (int s = 0, sh = h, sw = w; s < self->scales; s++, sh = (sh + 1) / 2, sw = (sw + 1) / 2)
-        kept += 12 * (size_t)sh * sw;
+        kept += 9 * (size_t)sh * sw;
     self->memory = PyMem_RawMalloc((kept ? kept : 1) * sizeof(float));
     float *scratch = PyMem_RawMalloc(work_floats(h, w) * sizeof(float));
     if (!self->memory || !scratch) {
@@ -419,8 +481,7 @@ static int Reference_init(ReferenceObject *self, PyObject *args, PyObject *kwarg
             scale->xyb[c] = next;
             scale->mu[c] = next + n;
             scale->sigma[c] = next + 2 * n;
-            scale->detail[c] = next + 3 * n;
-            next += 4 * n;
+            next += 3 * n;
         }
     }
     const unsigned char *pixels = view.buf;
