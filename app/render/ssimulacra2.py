@@ -3,15 +3,37 @@
 The arithmetic is compiled (`_ssimulacra2.c`, built by setup.py): the same formula, with the
 same quirks, as the `ssimulacra2` package on PyPI (0.3.0, a NumPy/SciPy port of libjxl's tool)
 that the shared quality bench (`quality.sh --ssimulacra2`) scores with, so the scores agree
-with it within 0.01 (BENCHMARKS.md, "q=auto: the metric"), at a few milliseconds a score for a
-640 px image. This module is its face: Pillow images in, a float out.
+with it within 0.01 (BENCHMARKS.md, "q=auto: the metric"), at about 7 ms a score for a 640 px
+image. Where it could not be built (no C compiler or Python headers at install time), the NumPy
+port `_ssimulacra2_numpy.py` scores the same at about 8x the CPU. This module is their face:
+Pillow images in, a float out.
 """
 
 from __future__ import annotations
 
+import logging
+from types import ModuleType
+
 from PIL import Image
 
-from app.render import _ssimulacra2
+log = logging.getLogger("image_proxy.render")
+
+
+def _implementation() -> ModuleType:
+    try:
+        from app.render import _ssimulacra2
+    except ImportError:
+        from app.render import _ssimulacra2_numpy
+
+        log.warning(
+            "q=auto scores with the NumPy SSIMULACRA2 (about 8x the CPU of the compiled one, "
+            "which was not built: install gcc and the Python headers, then reinstall)"
+        )
+        return _ssimulacra2_numpy
+    return _ssimulacra2
+
+
+IMPLEMENTATION = _implementation()
 
 
 def _rgb(image: Image.Image) -> bytes:
@@ -26,7 +48,7 @@ class Reference:
 
     def __init__(self, image: Image.Image) -> None:
         self.size = image.size
-        self._compiled = _ssimulacra2.Reference(_rgb(image), *image.size)
+        self._compiled = IMPLEMENTATION.Reference(_rgb(image), *image.size)
 
     @property
     def scales(self) -> int:

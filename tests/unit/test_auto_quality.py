@@ -51,10 +51,27 @@ def encoded(image: Image.Image, **arguments: object) -> Image.Image:
 
 
 # -- the metric -------------------------------------------------------------------------------
+# Every metric test runs on both implementations: the compiled one and the NumPy port that
+# stands in where it could not be built.
+
+metric_module = importlib.import_module("app.render.ssimulacra2")
+IMPLEMENTATIONS = ["app.render._ssimulacra2", "app.render._ssimulacra2_numpy"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, ids=["compiled", "numpy"])
+def implementation(request, monkeypatch):
+    module = importlib.import_module(request.param)
+    monkeypatch.setattr(metric_module, "IMPLEMENTATION", module)
+    return module
+
+
+def test_the_compiled_metric_is_built_and_used():
+    """setup.py builds it wherever a C compiler is (here and in CI); the fallback is for elsewhere."""
+    assert metric_module.IMPLEMENTATION.__name__ == "app.render._ssimulacra2"
 
 
 @pytest.mark.parametrize(("size", "quality"), [((256, 192), 30), ((97, 61), 80), ((300, 40), 60)])
-def test_metric_agrees_with_the_reference_package(size, quality):
+def test_metric_agrees_with_the_reference_package(size, quality, implementation):
     reference_package = pytest.importorskip("ssimulacra2")  # requirements-dev.txt installs it
     reference = photo_like(*size)
     distorted = encoded(reference, format="WEBP", quality=quality)
@@ -68,7 +85,7 @@ def test_metric_agrees_with_the_reference_package(size, quality):
     assert ssimulacra2(reference, distorted) == pytest.approx(expected, abs=0.01)
 
 
-def test_metric_ranks_identical_above_distorted():
+def test_metric_ranks_identical_above_distorted(implementation):
     reference = photo_like()
     assert ssimulacra2(reference, reference) == pytest.approx(100.0)
     assert ssimulacra2(reference, encoded(reference, format="WEBP", quality=90)) > ssimulacra2(
@@ -77,7 +94,7 @@ def test_metric_ranks_identical_above_distorted():
 
 
 @pytest.mark.parametrize("size", [(8, 8), (9, 15), (17, 8), (640, 9)])
-def test_metric_agrees_with_the_reference_package_at_the_smallest_scales(size):
+def test_metric_agrees_with_the_reference_package_at_the_smallest_scales(size, implementation):
     """At 8 px a side the metric has one scale; odd sides end the 2x2 averaging at an edge."""
     reference_package = pytest.importorskip("ssimulacra2")
     reference = photo_like(*size, seed=3)
@@ -87,19 +104,19 @@ def test_metric_agrees_with_the_reference_package_at_the_smallest_scales(size):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 300), (300, 7)])
-def test_an_image_under_8_px_a_side_has_no_scale_and_scores_100(size):
+def test_an_image_under_8_px_a_side_has_no_scale_and_scores_100(size, implementation):
     reference = Reference(photo_like(*size))
     assert reference.scales == 0
     assert reference.score(Image.new("RGB", size, (0, 0, 0))) == 100.0
 
 
-def test_the_metric_refuses_what_it_cannot_score():
+def test_the_metric_refuses_what_it_cannot_score(implementation):
     reference = Reference(photo_like(64, 48))
     with pytest.raises(ValueError, match="sizes differ"):
         reference.score(photo_like(48, 64))
     with pytest.raises(ValueError, match="RGB"):
         reference.score(photo_like(64, 48, mode="L"))
-    compiled = importlib.import_module("app.render._ssimulacra2")
+    compiled = implementation
     with pytest.raises(ValueError, match="bytes of RGB"):
         compiled.Reference(b"\0" * 10, 2, 2)  # 12 expected
     with pytest.raises(ValueError, match="bad size"):
@@ -109,7 +126,7 @@ def test_the_metric_refuses_what_it_cannot_score():
         prepared.score(bytes(64 * 48 * 3 - 1))
 
 
-def test_threads_scoring_one_reference_at_once_get_the_scores_of_one_at_a_time():
+def test_threads_scoring_one_reference_at_once_get_the_scores_of_one_at_a_time(implementation):
     """Each score keeps its working set apart (the compiled code runs without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
