@@ -100,10 +100,11 @@ RESIZE_PASS = 4.0
 #: buffers, and the plugin's copy of the pixels.
 ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
 
-#: Bytes per output pixel that a q=auto search adds: the reference's float32 XYB planes and
-#: blurs at every scale (64), and one candidate's planes and temporaries, scored one colour
-#: plane at a time (80); tracemalloc of app/render/ssimulacra2.py at 0.27 and 2.2 MP: 144.
-AUTO_QUALITY = 150.0
+#: Bytes per output pixel that a q=auto search adds: the prepared reference (48 over all scales)
+#: and a candidate's working set (15) in the compiled SSIMULACRA2, plus the decoded candidate,
+#: its flattened copy and bytes (about 10, Pillow's, which tracemalloc does not see); tracemalloc
+#: of whole q=auto renders at 0.27 and 2.2 MP: 58-69 above the same fixed-q render.
+AUTO_QUALITY = 80.0
 
 #: Bytes per output pixel per frame that an animation holds until the encoder is done: the
 #: resized frames (4 bytes a pixel) and the encoded frames kept by the animation encoder.
@@ -193,16 +194,16 @@ def peak_of(shape: RenderShape, fmt: str, auto_quality: bool = False) -> int:
     return int(total)
 
 
-#: How many times a fixed-q encode's work a q=auto search costs (measured 5.9-12.1x for the
-#: whole render; the encode term carries it).
-AUTO_QUALITY_WORK = 8.0
+#: How many times a fixed-q encode's work a q=auto search costs (the whole render measured 1.9-3.7x
+#: a fixed-q one at the median, in-process on the q=auto corpus; the encode term carries it).
+AUTO_QUALITY_WORK = 4.0
 
 
 def work_of(shape: RenderShape, fmt: str, auto_quality: bool = False) -> float:
     encode = WORK_ENCODE[fmt] * shape.output_pixels
     if auto_quality:
         # The search encodes and scores a few candidates of the first frame (BENCHMARKS.md,
-        # q=auto: a q=auto render costs 5.9-12.1x a fixed-q one, 2-3 encodes at the median).
+        # q=auto: 1-2 encodes at the median).
         encode *= AUTO_QUALITY_WORK
     per_frame = (
         WORK_SOURCE * (shape.source_pixels or shape.decoded_pixels)
