@@ -40,7 +40,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tests.conftest import ROOT, Gunicorn, free_port, gunicorn_env
-from tests.processes import redis_socket, tree
+from tests.processes import is_redis, redis_socket, tree
 from tests.upstream import corpus_dir
 
 PHOTOS = sorted(p.name for p in (corpus_dir() / "photos").iterdir() if p.suffix in (".jpg", ".png"))
@@ -60,6 +60,8 @@ class Result:
     cpu_s: float = 0.0
     peak_rss: int = 0
     errors: int = 0
+    peak_rss_redis: int = 0  # the embedded redis-server's own peak (inside peak_rss)
+    peak_rss_without_redis: int = 0  # gunicorn's master and workers
 
     @property
     def img_per_s(self) -> float:
@@ -95,21 +97,31 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 class Monitor:
-    """Peak summed RSS and CPU time of a process tree, sampled every 50 ms."""
+    """Peak summed RSS and CPU time of a process tree, sampled every 50 ms; also the peaks of the
+    tree without its redis-server and of the redis-server alone (Redis holds the cache up to its
+    maxmemory, whatever the workers do, so the workers' memory is reported apart)."""
 
     def __init__(self, root: int) -> None:
         self.root = root
-        self.peak = 0
+        self.peak = self.peak_redis = self.peak_without_redis = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def _sample(self) -> None:
+        sizes = {pid: rss(pid) for pid in tree(self.root)}
+        redis = sum(size for pid, size in sizes.items() if is_redis(pid))
+        total = sum(sizes.values())
+        self.peak = max(self.peak, total)
+        self.peak_redis = max(self.peak_redis, redis)
+        self.peak_without_redis = max(self.peak_without_redis, total - redis)
+
     def _loop(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, sum(rss(pid) for pid in tree(self.root)))
+            self._sample()
 
     def __enter__(self) -> Monitor:
         self.cpu_start = cpu_seconds(tree(self.root))
-        self.peak = sum(rss(pid) for pid in tree(self.root))
+        self._sample()
         self._thread.start()
         return self
 
@@ -225,7 +237,7 @@ def run_service(server: Gunicorn, upstream_port: int, w: int, fmt: str, q: int |
         seconds, latencies, size, errors = load(server.port, paths, conc)
     passes = rounds if mode == "miss" else 10
     return Result("ours", mode, w, fmt, conc, len(paths) - errors, seconds, latencies, size // passes,
-                  monitor.cpu, monitor.peak, errors)
+                  monitor.cpu, monitor.peak, errors, monitor.peak_redis, monitor.peak_without_redis)
 
 
 def run_wrk(port: int, path: str, conc: int, seconds: int = 5) -> Result | None:
@@ -306,9 +318,18 @@ def hit_path_with_wrk(server: Gunicorn, upstream_port: int, q: int | str, workdi
 # -- report -------------------------------------------------------------------------------
 
 
+def apart(r: Result) -> str:
+    if not r.peak_rss_without_redis:
+        return "-"
+    return f"{r.peak_rss_without_redis / 2**20:.0f} / {r.peak_rss_redis / 2**20:.0f}"
+
+
 def table(results: list[Result]) -> str:
     limits = {(r.w, r.fmt, r.conc): r.img_per_s for r in results if r.target == "limit"}
-    header = "target | mode | w | fmt | conc | img/s | p50 ms | p95 ms | KB/pass | CPU ms/img | peak RSS MB | x limit"
+    header = (
+        "target | mode | w | fmt | conc | img/s | p50 ms | p95 ms | KB/pass | CPU ms/img | peak RSS MB | "
+        "of which gunicorn / redis MB | x limit"
+    )
     rows = [f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
     for r in results:
         if r.mode == "wrk":
@@ -317,7 +338,8 @@ def table(results: list[Result]) -> str:
         ratio = f"{r.img_per_s / limit:.2f}" if limit and r.mode != "hit" else "-"
         cpu = f"{r.cpu_s * 1000 / r.images:.1f}" if r.images else "-"
         rows.append(f"| {r.target} | {r.mode} | {r.w} | {r.fmt} | {r.conc} | {r.img_per_s:.2f} | {r.pct(0.5):.1f} | "
-                    f"{r.pct(0.95):.1f} | {r.bytes_per_pass // 1024} | {cpu} | {r.peak_rss / 2**20:.0f} | {ratio} |")
+                    f"{r.pct(0.95):.1f} | {r.bytes_per_pass // 1024} | {cpu} | {r.peak_rss / 2**20:.0f} | "
+                    f"{apart(r)} | {ratio} |")
     wrk = [r for r in results if r.mode == "wrk"]
     if wrk:
         rows += ["", "| wrk on one cached URL | conc | req/s | p50 ms | non-2xx |", "|---|---|---|---|---|"]
