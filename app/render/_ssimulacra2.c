@@ -29,7 +29,7 @@
 #define RADIUS 5
 #define TAPS (2 * RADIUS + 1)
 #define MIN_SIDE 8
-/* The loops that take the time, compiled twice on x86-64: for AVX2 and FMA (1.3x faster
+/* The loops that take the time, compiled twice on x86-64: for AVX2 (x86-64-v3; 1.3x faster
  * here) and for the baseline, chosen when the module loads (GCC's function multiversioning). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -445,11 +445,13 @@ static int Reference_init(ReferenceObject *self, PyObject *args, PyObject *kwarg
     PyObject *rgb;
     int w, h;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oii", names, &rgb, &w, &h)) return -1;
-    if (w < 1 || h < 1 || (double)w * h > 1e9) {
+    /* 64 bytes a pixel bounds the reference (48) and a working set (15), so no size below
+     * overflows size_t, on 32-bit machines too. */
+    if (w < 1 || h < 1 || (double)w * h > 1e9 || (double)w * h * 64.0 > (double)SIZE_MAX) {
         PyErr_Format(PyExc_ValueError, "bad size %dx%d", w, h);
         return -1;
     }
-    if (self->memory) {
+    if (self->memory || self->busy) {
         PyErr_SetString(PyExc_TypeError, "a Reference is prepared once");
         return -1;
     }
@@ -461,17 +463,19 @@ static int Reference_init(ReferenceObject *self, PyObject *args, PyObject *kwarg
     size_t kept = 0;
     for (int s = 0, sh = h, sw = w; s < self->scales; s++, sh = (sh + 1) / 2, sw = (sw + 1) / 2)
         kept += 9 * (size_t)sh * sw;
-    self->memory = PyMem_RawMalloc((kept ? kept : 1) * sizeof(float));
-    float *scratch = PyMem_RawMalloc(work_floats(h, w) * sizeof(float));
-    if (!self->memory || !scratch) {
+    /* `memory` is published only once prepared: until then a score finds the Reference not
+     * prepared, and `busy` refuses a second __init__ (the GIL is released while preparing). */
+    float *memory = PyMem_RawMalloc((kept ? kept : 1) * sizeof(float));
+    float *scratch = self->scales ? PyMem_RawMalloc(work_floats(h, w) * sizeof(float)) : NULL;
+    if (!memory || (self->scales && !scratch)) {
         PyMem_RawFree(scratch);
-        PyMem_RawFree(self->memory);
-        self->memory = NULL;
+        PyMem_RawFree(memory);
         PyBuffer_Release(&view);
         PyErr_NoMemory();
         return -1;
     }
-    float *next = self->memory;
+    self->busy = 1;
+    float *next = memory;
     for (int s = 0, sh = h, sw = w; s < self->scales; s++, sh = (sh + 1) / 2, sw = (sw + 1) / 2) {
         Scale *scale = &self->scale[s];
         size_t n = (size_t)sh * sw;
@@ -488,7 +492,9 @@ static int Reference_init(ReferenceObject *self, PyObject *args, PyObject *kwarg
     Py_BEGIN_ALLOW_THREADS
     prepare(self, pixels, scratch);
     Py_END_ALLOW_THREADS
-    self->scratch = scratch;  /* the first candidate's working set */
+    self->memory = memory;
+    self->scratch = scratch; /* the first candidate's working set */
+    self->busy = 0;
     PyBuffer_Release(&view);
     return 0;
 }

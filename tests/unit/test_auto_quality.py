@@ -126,6 +126,16 @@ def test_the_metric_refuses_what_it_cannot_score(implementation):
         prepared.score(bytes(64 * 48 * 3 - 1))
 
 
+def test_a_compiled_reference_is_prepared_once():
+    compiled = importlib.import_module("app.render._ssimulacra2")
+    reference = compiled.Reference(bytes(16 * 16 * 3), 16, 16)
+    with pytest.raises(TypeError, match="prepared once"):
+        reference.__init__(bytes(8 * 8 * 3), 8, 8)
+    assert reference.score(bytes(16 * 16 * 3)) == 100.0
+    with pytest.raises(ValueError, match="not prepared"):
+        compiled.Reference.__new__(compiled.Reference).score(b"")
+
+
 def test_threads_scoring_one_reference_at_once_get_the_scores_of_one_at_a_time(implementation):
     """Each score keeps its working set apart (the compiled code runs without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
