@@ -370,6 +370,7 @@ static void next_xyb(Work *work, int s, int scales, const unsigned char *rgb, in
 
 static void prepare(ReferenceObject *self, const unsigned char *rgb, float *scratch) {
     Work work;
+    if (!self->scales) return; /* nothing to prepare, and no working set (scratch is NULL) */
     work_layout(&work, scratch, self->h, self->w);
     for (int s = 0; s < self->scales; s++) {
         Scale *scale = &self->scale[s];

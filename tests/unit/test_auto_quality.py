@@ -126,6 +126,26 @@ def test_the_metric_refuses_what_it_cannot_score(implementation):
         prepared.score(bytes(64 * 48 * 3 - 1))
 
 
+@pytest.mark.parametrize(
+    "size", [(1, 1), (1, 9), (9, 1), (8, 8), (8, 9), (9, 8), (15, 17), (16, 16), (33, 7), (7, 33), (64, 65), (130, 9)]
+)
+def test_compiled_and_numpy_agree_on_noise_of_every_small_shape(size):
+    """Random bytes at the shapes where scales, mirrors and odd edges begin and end: the two
+    implementations give the same score (and neither crashes)."""
+    compiled = importlib.import_module("app.render._ssimulacra2")
+    port = importlib.import_module("app.render._ssimulacra2_numpy")
+    rng = np.random.default_rng(size[0] * 1000 + size[1])
+    width, height = size
+    reference = rng.integers(0, 256, width * height * 3, dtype=np.uint8).tobytes()
+    distorted = np.clip(np.frombuffer(reference, np.uint8) + rng.integers(-40, 40, width * height * 3), 0, 255)
+    distorted_bytes = distorted.astype(np.uint8).tobytes()
+    fast = compiled.Reference(reference, width, height)
+    slow = port.Reference(reference, width, height)
+    assert fast.scales == slow.scales
+    assert fast.score(distorted_bytes) == pytest.approx(slow.score(distorted_bytes), abs=0.01)
+    assert fast.score(reference) == pytest.approx(100.0)
+
+
 def test_a_compiled_reference_is_prepared_once():
     compiled = importlib.import_module("app.render._ssimulacra2")
     reference = compiled.Reference(bytes(16 * 16 * 3), 16, 16)
