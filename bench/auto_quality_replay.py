@@ -32,7 +32,7 @@ from PIL import Image
 
 from app.render import RenderOptions, auto_quality
 from app.render.auto_quality import flatten, search
-from app.render.encode import save, still_arguments
+from app.render.encode import save, start_quality, still_arguments
 from app.render.ssimulacra2 import Reference
 from bench.auto_quality import corpus
 from bench.prepared import prepared_frames
@@ -67,7 +67,8 @@ def dump(packages: Path, out: Path) -> None:
                             score = reference.score(flatten(decoded))
                         curve[q] = (len(body), score, encode_s, time.process_time() - started)
                     row = dict(
-                        image=name, fmt=fmt, width=width, prepare_s=prepare_s, reference_s=reference_s, curve=curve
+                        image=name, fmt=fmt, width=width, pixels=frame.width * frame.height,
+                        prepare_s=prepare_s, reference_s=reference_s, curve=curve,
                     )
                     rows.write(json.dumps(row) + "\n")
                     rows.flush()
@@ -109,8 +110,7 @@ def replay(rows: list[dict], target: float) -> list[str]:
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         curve = Curve({int(q): tuple(v) for q, v in row["curve"].items()})  # type: ignore[misc]
-        large = row["width"] > 640  # the serve layer's START_LARGE threshold is 1 MP; 1920 px rows are all over it
-        start = (auto_quality.START_LARGE if large else auto_quality.START)[row["fmt"]]
+        start = start_quality(row["fmt"], row["pixels"])  # where encode() starts it
         probed: list[int] = []
 
         def probe(q: int, curve: Curve = curve, probed: list[int] = probed) -> tuple[bytes, float]:

@@ -375,7 +375,6 @@ static void prepare(ReferenceObject *self, const unsigned char *rgb, float *scra
     for (int s = 0; s < self->scales; s++) {
         Scale *scale = &self->scale[s];
         next_xyb(&work, s, self->scales, rgb, scale->h, scale->w, scale->xyb);
-        work.rows.w = scale->w;
         rows_layout(&work.rows, work.rows.padded[0], scale->w);
         for (int c = 0; c < 3; c++)
             prepare_plane(scale->xyb[c], scale->mu[c], scale->sigma[c], scale->h, scale->w, &work.rows);

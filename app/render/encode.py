@@ -17,7 +17,8 @@ import pillow_avif  # noqa: F401  (registers the AVIF plugin with its aom/rav1e/
 from PIL import Image
 
 from app.errors import BadSource
-from app.render.auto_quality import START, START_LARGE, choose_quality
+from app.render import auto_quality
+from app.render.auto_quality import choose_quality
 from app.render.canvas import AutoQuality, Canvas, Frame, RenderOptions
 
 log = logging.getLogger("image_proxy.render")
@@ -97,8 +98,7 @@ def encoder_arguments(
     # Explicit empty metadata: both plugins otherwise copy EXIF/XMP/ICC from image.info.
     empty: dict[str, Any] = {"exif": b"", "xmp": b"", "icc_profile": b""}
     if fmt == "webp":
-        small = 0 < pixels <= settings.webp_small_pixels
-        method = settings.webp_method_small if small else settings.webp_method
+        method = settings.webp_method_small if small_output(pixels, settings) else settings.webp_method
         return {"format": "WEBP", "quality": quality, "method": method, **empty}
     threads = {} if settings.avif_max_threads is None else {"max_threads": settings.avif_max_threads}
     advanced = {"advanced": dict(settings.avif_advanced)} if settings.avif_advanced else {}
@@ -112,6 +112,17 @@ def encoder_arguments(
         **advanced,
         **empty,
     }
+
+
+def small_output(pixels: int, settings: EncoderSettings | None = None) -> bool:
+    """An output WebP encodes with its faster method (0: size unknown, taken as large)."""
+    return 0 < pixels <= (settings or ENCODER).webp_small_pixels
+
+
+def start_quality(fmt: str, pixels: int) -> int:
+    """Where a q=auto search starts for an output of `pixels`: a large WebP is encoded with
+    method 4, whose score curves cross the target higher (auto_quality.START_LARGE)."""
+    return (auto_quality.START if small_output(pixels) else auto_quality.START_LARGE)[fmt]
 
 
 def still_arguments(fmt: str, quality: int, image: Image.Image) -> dict[str, Any]:
@@ -153,7 +164,7 @@ def encode(canvas: Canvas, options: RenderOptions) -> None:
             options.quality.target,
             options.quality_hint,
             level=avif_quality if options.format == "avif" else int,
-            start=(START if first.width * first.height <= ENCODER.webp_small_pixels else START_LARGE)[options.format],
+            start=start_quality(options.format, first.width * first.height),
         )
         canvas.quality, canvas.quality_score = choice.quality, round(float(choice.score), 2)
         if not animated:

@@ -44,6 +44,7 @@ from app.render.failures import as_proxy_errors
 from app.render.open_source import open_source
 from app.render.plan_geometry import plan_geometry
 from app.render.sniff import sniff
+from app.render.ssimulacra2 import SEARCH_BYTES_PER_PIXEL
 
 MB = 1024 * 1024
 
@@ -100,11 +101,9 @@ RESIZE_PASS = 4.0
 #: buffers, and the plugin's copy of the pixels.
 ENCODE: dict[str, float] = {"webp": 21.5, "avif": 24.5}
 
-#: Bytes per output pixel that a q=auto search adds: the prepared reference (48 over all scales)
-#: and a candidate's working set (15) in the compiled SSIMULACRA2, plus the decoded candidate,
-#: its flattened copy and bytes (about 10, Pillow's, which tracemalloc does not see); tracemalloc
-#: of whole q=auto renders at 0.27 and 2.2 MP: 58-69 above the same fixed-q render.
-AUTO_QUALITY = 80.0
+#: Bytes per output pixel that a q=auto search adds: the metric's own figure for the
+#: implementation this machine runs (compiled 80, its NumPy fallback 155).
+AUTO_QUALITY = SEARCH_BYTES_PER_PIXEL
 
 #: Bytes per output pixel per frame that an animation holds until the encoder is done: the
 #: resized frames (4 bytes a pixel) and the encoded frames kept by the animation encoder.

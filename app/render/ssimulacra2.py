@@ -35,6 +35,13 @@ def _implementation() -> ModuleType:
 
 IMPLEMENTATION = _implementation()
 
+#: Bytes per output pixel a q=auto search adds at its peak with the implementation in use
+#: (app/render/estimate.py reserves it). Compiled: the prepared reference (48 over all scales)
+#: and a candidate's working set (15); tracemalloc of whole q=auto renders at 0.27 and 2.2 MP
+#: gave 58-69 above the same fixed-q render, plus about 10 for Pillow's decoded candidate and
+#: its copies, which tracemalloc does not see. NumPy: 144 measured for the metric, same copies.
+SEARCH_BYTES_PER_PIXEL = 80.0 if IMPLEMENTATION.__name__ == "app.render._ssimulacra2" else 155.0
+
 
 def _rgb(image: Image.Image) -> bytes:
     if image.mode != "RGB":
