@@ -37,13 +37,19 @@ def test_a_cold_srcset_family_costs_one_download_across_instances(start_gunicorn
         base = servers[index % instances].base
         with requests.Session() as session:
             barrier.wait()
-            response = session.get(f"{base}/image?url={source}&w={width}&format={fmt}", timeout=60)
+            try:
+                response = session.get(f"{base}/image?url={source}&w={width}&format={fmt}", timeout=60)
+            except requests.ConnectionError as exc:
+                # Seen once in a full clean-clone run (the server closed a connection without an
+                # answer): kept as a result, so the assertion below shows it with the server logs.
+                return 0, repr(exc)
             return response.status_code, response.headers.get("X-Cache", "")
 
     with ThreadPoolExecutor(len(FAMILY)) as pool:
         results = list(pool.map(one, range(len(FAMILY))))
     print(f"{instances} instance(s): {results}; upstream bodies {upstream.bodies[PHOTO]}")
-    assert results == [(200, "MISS")] * len(FAMILY), "ten variants, ten renders"
+    logs = "\n".join(server.log() for server in servers)
+    assert results == [(200, "MISS")] * len(FAMILY), f"ten variants, ten renders; server logs:\n{logs}"
     assert upstream.bodies[PHOTO] == 1, "one upstream download for the whole family"
     assert len(list(redis_client.scan_iter(match="ip:*:v:*"))) == len(FAMILY)
 
